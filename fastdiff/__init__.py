@@ -1,0 +1,16 @@
+"""fastdiff: a minimal DDPM/DDIM engine whose hot path runs fused Triton kernels."""
+
+__version__ = "0.1.0"
+
+from . import ops, reference
+from .backend import get_backend, use_backend
+from .scheduling_ddim import DDIMScheduler, DDIMSchedulerOutput
+from .scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
+from .unet import UNet2D, UNet2DConfig
+from .pipeline import DiffusionPipeline, ImagePipelineOutput, load_pretrained
+
+__all__ = [
+    "DDIMScheduler", "DDIMSchedulerOutput", "DDPMScheduler", "DDPMSchedulerOutput", "DiffusionPipeline",
+    "ImagePipelineOutput", "UNet2D", "UNet2DConfig", "get_backend", "load_pretrained", "ops", "reference",
+    "use_backend",
+]

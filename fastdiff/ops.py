@@ -1,0 +1,146 @@
+"""The one dispatch point for every op fastdiff fuses.
+
+Schedulers, the U-Net and the pipeline call these functions only. Each checks its input, then runs
+the Triton kernel (``fastdiff.kernels``) or the plain-PyTorch twin (``fastdiff.reference``, same
+signature) as ``fastdiff.backend.resolve`` decides. An op that has no kernel yet runs the
+reference on every backend; ``kernel_ops()`` lists the ones that do.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from . import reference
+from .backend import resolve
+from .reference import NOISING_TARGETS, PREDICTION_TYPES, VARIANCE_TYPES
+
+OP_NAMES = ("q_sample", "ddpm_step", "ddim_step", "attention", "group_norm")
+
+
+def _kernel_module():
+    try:
+        return importlib.import_module(".kernels", __package__)
+    except ImportError:  # triton missing or broken: the reference path still works
+        return None
+
+
+def kernel_ops() -> list[str]:
+    """Names of the ops that have a Triton kernel in this install."""
+    module = _kernel_module()
+    return [name for name in OP_NAMES if module is not None and callable(getattr(module, name, None))]
+
+
+def _impl(name: str, tensor: torch.Tensor) -> Callable:
+    if resolve(tensor) == "triton":
+        module = _kernel_module()
+        kernel = getattr(module, name, None) if module is not None else None
+        if kernel is not None:
+            return kernel
+    return getattr(reference, name)
+
+
+# ----------------------------------------------------------------------------- input checks
+def _floating(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _same_shape(name: str, x, like_name: str, like: torch.Tensor) -> None:
+    _floating(name, x)
+    if x.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {like_name}'s shape {tuple(like.shape)}")
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _check_step(model_output, sample, noise, prediction_type, uncond_model_output) -> None:
+    _floating("sample", sample)
+    _same_shape("model_output", model_output, "sample", sample)
+    if noise is not None:
+        _same_shape("noise", noise, "sample", sample)
+    if uncond_model_output is not None:
+        _same_shape("uncond_model_output", uncond_model_output, "model_output", model_output)
+    _one_of("prediction_type", prediction_type, PREDICTION_TYPES)
+
+
+# ----------------------------------------------------------------------------- the ops
+def q_sample(x0, noise, timesteps, alphas_cumprod, target=None):
+    """Forward noising x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; see ``reference.q_sample``."""
+    _floating("x0", x0)
+    _same_shape("noise", noise, "x0", x0)
+    if not isinstance(timesteps, torch.Tensor) or timesteps.is_floating_point() or timesteps.is_complex():
+        raise TypeError("timesteps must be an integer torch.Tensor of shape () or (B,)")
+    if timesteps.numel() not in (1, x0.shape[0]) or timesteps.ndim > 1:
+        raise ValueError(f"timesteps must have shape () or ({x0.shape[0]},), got {tuple(timesteps.shape)}")
+    _floating("alphas_cumprod", alphas_cumprod)
+    if alphas_cumprod.ndim != 1:
+        raise ValueError(f"alphas_cumprod must be 1-D, got shape {tuple(alphas_cumprod.shape)}")
+    _one_of("target", target, NOISING_TARGETS)
+    return _impl("q_sample", x0)(x0, noise, timesteps, alphas_cumprod, target=target)
+
+
+def ddpm_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None, *, predicted_variance=None,
+              prediction_type="epsilon", variance_type="fixed_small", clip_sample_range=None,
+              dynamic_thresholding_ratio=None, sample_max_value=1.0, uncond_model_output=None, guidance_scale=1.0):
+    """One DDPM step; see ``reference.ddpm_step``."""
+    _check_step(model_output, sample, noise, prediction_type, uncond_model_output)
+    _one_of("variance_type", variance_type, VARIANCE_TYPES)
+    if variance_type in ("learned", "learned_range") and noise is not None:
+        if predicted_variance is None:
+            raise ValueError(f"variance_type={variance_type!r} needs the model's predicted variance: "
+                             "a model output with twice the sample's channels")
+        _same_shape("predicted_variance", predicted_variance, "sample", sample)
+    return _impl("ddpm_step", sample)(
+        model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, predicted_variance=predicted_variance,
+        prediction_type=prediction_type, variance_type=variance_type, clip_sample_range=clip_sample_range,
+        dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+        uncond_model_output=uncond_model_output, guidance_scale=guidance_scale)
+
+
+def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None, *, eta=0.0,
+              prediction_type="epsilon", clip_sample_range=None, dynamic_thresholding_ratio=None,
+              sample_max_value=1.0, use_clipped_model_output=False, uncond_model_output=None, guidance_scale=1.0):
+    """One DDIM step; see ``reference.ddim_step``."""
+    _check_step(model_output, sample, noise, prediction_type, uncond_model_output)
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return _impl("ddim_step", sample)(
+        model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta, prediction_type=prediction_type,
+        clip_sample_range=clip_sample_range, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+        sample_max_value=sample_max_value, use_clipped_model_output=use_clipped_model_output,
+        uncond_model_output=uncond_model_output, guidance_scale=guidance_scale)
+
+
+def attention(q, k, v, scale=None):
+    """softmax(q·kᵀ·scale)·v over (B, H, Nq, D) × (B, H, Nk, D); see ``reference.attention``."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _floating(name, x)
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have shape (B, H, N, D), got {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"attention expects q (B, H, Nq, D) and k, v (B, H, Nk, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return _impl("attention", q)(q, k, v, scale=scale)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
+    """GroupNorm over (B, C, ...) with optional fused SiLU; see ``reference.group_norm``."""
+    _floating("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (B, C, ...), got {tuple(x.shape)}")
+    if not isinstance(num_groups, int) or num_groups < 1 or x.shape[1] % num_groups:
+        raise ValueError(f"num_groups must be a positive divisor of the {x.shape[1]} channels, got {num_groups!r}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (x.shape[1],):
+            raise ValueError(f"{name} must have shape ({x.shape[1]},), got {tuple(p.shape)}")
+    return _impl("group_norm", x)(x, num_groups, weight, bias, eps=eps, silu=silu)

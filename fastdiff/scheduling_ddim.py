@@ -1,0 +1,92 @@
+"""DDIMScheduler: the deterministic (η = 0) or stochastic sampler of Song et al. 2021, diffusers-compatible."""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .configuration import register_to_config
+from .schedules import randn_tensor
+from .scheduling_utils import SchedulerBase, SchedulerOutput
+
+DDIMSchedulerOutput = SchedulerOutput
+
+
+class DDIMScheduler(SchedulerBase):
+    """Denoising diffusion implicit models (arXiv:2010.02502).
+
+    Constructor keywords, defaults and outputs are those of ``diffusers.DDIMScheduler`` (0.42);
+    results agree with it in float32 for the same generator or ``variance_noise``. Notes:
+
+    * diffusers' quirk, kept: the previous timestep is always t − T // n, whatever the
+      ``timestep_spacing``; with 'trailing' or 'linspace' spacing that is not the next timestep in
+      ``self.timesteps``, exactly as in diffusers.
+    * ``beta_schedule="sigmoid"`` and "laplace" work here too (diffusers' DDIM rejects them).
+    * ``step`` also takes ``uncond_model_output`` and ``guidance_scale`` (keyword-only): the
+      classifier-free guidance combine is fused into the step.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+    ):
+        self._setup(self.config)
+        # ᾱ "before" step 0: 1 (a clean image) or ᾱ_0
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+        *,
+        uncond_model_output: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+    ) -> SchedulerOutput | tuple:
+        """x_t -> x_{t-1} by eq. 12 with σ_t = η·√((1−ᾱ_{t−1})/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_{t−1})) (eq. 16).
+
+        model_output, sample, variance_noise: (B, C, H, W). With η > 0 the noise is
+        ``variance_noise`` if given, else drawn from ``generator`` as diffusers draws it.
+        """
+        t = self._check_step(model_output, timestep, sample)
+        if eta > 0 and variance_noise is not None and generator is not None:
+            raise ValueError("pass either generator or variance_noise, not both")
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+
+        noise = None
+        if eta > 0:
+            noise = variance_noise
+            if noise is None:
+                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                     dtype=model_output.dtype)
+
+        prev_sample, pred_original_sample = ops.ddim_step(
+            model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
+            prediction_type=self.config.prediction_type, use_clipped_model_output=bool(use_clipped_model_output),
+            uncond_model_output=uncond_model_output, guidance_scale=guidance_scale, **self._x0_limits())
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

@@ -1,0 +1,123 @@
+"""What DDPMScheduler and DDIMScheduler share: config checks, the ᾱ table, timesteps, noising."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import ops
+from .configuration import ConfigMixin
+from .reference import PREDICTION_TYPES
+from .schedules import BETA_SCHEDULES, TIMESTEP_SPACINGS, make_betas, spaced_timesteps
+
+
+@dataclass
+class SchedulerOutput:
+    """What ``step`` returns: x_{t-1} and the model's estimate of x0 at this step."""
+
+    prev_sample: torch.Tensor  # (B, C, H, W)
+    pred_original_sample: torch.Tensor | None = None  # (B, C, H, W)
+
+    def to_tuple(self) -> tuple:
+        return (self.prev_sample, self.pred_original_sample)
+
+    def __getitem__(self, index: int):  # diffusers' outputs index like tuples: step(...)[0]
+        return self.to_tuple()[index]
+
+
+def check_option(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class SchedulerBase(ConfigMixin):
+    """Common state: betas, alphas, alphas_cumprod (float32, (T,)), timesteps, num_inference_steps."""
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    def _setup(self, config) -> None:
+        """Check the options every scheduler has, then build the schedule tables."""
+        check_int("num_train_timesteps", config.num_train_timesteps, 1)
+        check_option("beta_schedule", config.beta_schedule, BETA_SCHEDULES)
+        check_option("prediction_type", config.prediction_type, PREDICTION_TYPES)
+        check_option("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
+        check_int("steps_offset", config.steps_offset, 0)
+        if not 0 < config.dynamic_thresholding_ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {config.dynamic_thresholding_ratio}")
+        if config.trained_betas is not None and len(config.trained_betas) != config.num_train_timesteps:
+            raise ValueError(f"trained_betas has {len(config.trained_betas)} values but num_train_timesteps is "
+                             f"{config.num_train_timesteps}")
+        self.betas = make_betas(config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule,
+                                config.trained_betas, config.rescale_betas_zero_snr)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.one = torch.tensor(1.0)
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.arange(0, config.num_train_timesteps)[::-1].copy().astype(np.int64))
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    # --------------------------------------------------------------------- sampling schedule
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Pick the ``num_inference_steps`` timesteps to visit, spaced by ``config.timestep_spacing``."""
+        T = self.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
+                or not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {T}] (num_train_timesteps), "
+                             f"got {num_inference_steps!r}")
+        self.num_inference_steps = int(num_inference_steps)
+        timesteps = spaced_timesteps(T, self.num_inference_steps, self.config.timestep_spacing,
+                                     self.config.steps_offset)
+        self.timesteps = torch.from_numpy(timesteps).to(device)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """DDPM and DDIM feed the sample to the model unscaled."""
+        return sample
+
+    # --------------------------------------------------------------------- training side
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+        """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε for per-sample ``timesteps`` (fused op ``q_sample``)."""
+        return ops.q_sample(original_samples, noise, timesteps, self.alphas_cumprod)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+        """The v-prediction target v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022)."""
+        return ops.q_sample(sample, noise, timesteps, self.alphas_cumprod, target="v_prediction")[1]
+
+    # --------------------------------------------------------------------- step helpers
+    def _check_step(self, model_output, timestep, sample) -> int:
+        """Validate a ``step`` call; return the timestep as a Python int."""
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}.step called before set_timesteps(num_inference_steps)")
+        for name, x in (("model_output", model_output), ("sample", sample)):
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
+                                f"{getattr(x, 'dtype', type(x).__name__)}")
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1 or timestep.is_floating_point():
+                raise ValueError(f"timestep must be a single integer, got a tensor of shape {tuple(timestep.shape)}")
+            timestep = timestep.item()
+        if isinstance(timestep, float) and timestep.is_integer():
+            timestep = int(timestep)
+        check_int("timestep", timestep, 0)
+        if timestep >= self.config.num_train_timesteps:
+            raise ValueError(f"timestep must be < num_train_timesteps={self.config.num_train_timesteps}, got {timestep}")
+        return int(timestep)
+
+    def _x0_limits(self) -> dict:
+        """The clip/threshold keywords of the fused step, from the config."""
+        cfg = self.config
+        return {
+            "clip_sample_range": cfg.clip_sample_range if cfg.clip_sample else None,
+            "dynamic_thresholding_ratio": cfg.dynamic_thresholding_ratio if cfg.thresholding else None,
+            "sample_max_value": cfg.sample_max_value,
+        }

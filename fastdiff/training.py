@@ -1,0 +1,378 @@
+"""Train a U-Net with the DDPM objective (Ho et al. 2020, Algorithm 1), resumable bit for bit.
+
+One step: x0 from the data, t ~ U{0, ..., T−1}, ε ~ N(0, I); x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε
+(``ops.q_sample``); MSE between the model's output and the target (ε, or v for v-prediction);
+AdamW with gradient clipping; an exponential moving average (EMA) of the weights, which is what
+gets saved for sampling. Labels are replaced by the model's null class with probability
+``label_dropout``, so one model serves both terms of classifier-free guidance (Ho & Salimans 2022).
+
+Reproducibility. Everything random in a step is drawn from one CPU ``torch.Generator`` in a fixed
+order (batch indices, timesteps, noise, label-dropout coins); dropout inside the model uses torch's
+global RNG. A checkpoint holds both RNG states with the weights, the EMA weights and AdamW's
+moments, and the learning rate depends on the step only, so resuming from step k replays steps
+k+1, ... exactly: on CPU the loss curve and the final weights are bit-identical to an
+uninterrupted run. (On CUDA the CUDA RNG state is saved too, but some kernels are not
+bit-deterministic, so a resumed run matches only up to that.) No pickle anywhere: the checkpoint is
+one safetensors file with JSON metadata.
+
+Files in ``out_dir``:
+    checkpoint.safetensors  model, EMA, optimizer and RNG tensors; metadata: step, config, losses.
+                            Rewritten atomically, so a crash mid-write keeps the previous one.
+    pipeline/               the EMA model + a DDIM scheduler: ``fastdiff.load_pretrained(out_dir / "pipeline")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import ops
+from .data import load_dataset, num_classes
+from .io import load_tensors, read_metadata, save_tensors
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+CHECKPOINT_NAME = "checkpoint.safetensors"
+PIPELINE_DIR = "pipeline"
+CHECKPOINT_FORMAT = "fastdiff-train-checkpoint/1"
+# Fields a resumed run may change: where it writes, how often, how far it goes, where it runs.
+# Every other field changes what a step computes, so resuming with it changed is refused.
+RESUMABLE_CHANGES = ("out_dir", "steps", "checkpoint_every", "log_every", "device")
+
+
+@dataclass
+class TrainConfig:
+    # "digits" (scikit-learn's 1797 handwritten digits, no download) or a folder of images.
+    dataset: str = "digits"
+    out_dir: str = "runs/digits"
+    # A U-Net preset plus UNet2DConfig fields to override. sample_size, in/out channels and
+    # num_classes follow the data unless overridden here.
+    model: str = "digits"
+    model_overrides: dict = field(default_factory=dict)
+    # The digits are 8×8; 16 leaves the U-Net room for two downsamplings.
+    image_size: int = 16
+    # None: 1 for digits (grayscale), 3 for an image folder.
+    channels: int | None = None
+    # epsilon is DDPM's objective; v_prediction (Salimans & Ho 2022) keeps the target's scale
+    # fixed at every t, which helps most where ᾱ_t ≈ 0 (the end of the cosine schedule).
+    prediction_type: str = "epsilon"
+    # Cosine (Nichol & Dhariwal 2021): the linear schedule drives ᾱ_t below 0.01 for the last third
+    # of its 1000 steps, where a 16×16 image is already pure noise and training learns nothing;
+    # the cosine schedule has ᾱ_t < 0.01 for only the last 6.5%.
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    steps: int = 4000
+    batch_size: int = 128
+    # Small U-Nets tolerate a larger rate than the 1e-4 of image-scale models; with warm-up and
+    # clipping, 5e-4 is stable on digits and reaches a good loss in a few thousand steps.
+    lr: float = 5e-4
+    # Off: the EMA already smooths the weights, and decay would pull on the norm layers' scales.
+    weight_decay: float = 0.0
+    # Linear warm-up from 0: Adam's second-moment estimates are poor in the first steps.
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    # Averaging horizon ~1/(1 − decay) = 1000 steps; the decay itself warms up as
+    # min(decay, (1 + step)/(10 + step)) so early, random weights are forgotten quickly.
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    checkpoint_every: int = 500
+    seed: int = 0
+    # "auto": CUDA when available, else CPU.
+    device: str = "auto"
+    log_every: int = 50
+
+    def __post_init__(self):
+        if self.channels is None:
+            self.channels = 1 if str(self.dataset) == "digits" else 3
+        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        for name in ("num_train_timesteps", "steps", "batch_size", "checkpoint_every", "log_every"):
+            _check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+        _check("warmup_steps", _is_int(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0")
+        _check("seed", _is_int(self.seed), "an integer")
+        _check("channels", self.channels in (1, 3), "1 or 3")
+        _check("image_size", _is_int(self.image_size) and self.image_size >= 8, "an integer >= 8")
+        _check("lr", self.lr > 0, "> 0")
+        _check("weight_decay", self.weight_decay >= 0, ">= 0")
+        _check("grad_clip", self.grad_clip > 0, "> 0")
+        _check("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)")
+        _check("label_dropout", 0 <= self.label_dropout <= 1, "in [0, 1]")
+        _check("model_overrides", isinstance(self.model_overrides, dict), "a dict")
+
+    def to_dict(self) -> dict:
+        """JSON-normal form (tuples as lists), so a config read back from a checkpoint compares equal."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(name: str, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"TrainConfig.{name} must be {expected}")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"TrainConfig.{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+@dataclass
+class TrainResult:
+    loss_history: list[float]  # one loss per step, steps 1..step
+    pipeline_path: Path  # fastdiff.load_pretrained(pipeline_path)
+    checkpoint_path: Path
+    step: int
+
+
+# ----------------------------------------------------------------------------- pieces of a step
+def build_model(config: TrainConfig, data_classes: int | None):
+    """The preset U-Net, its size, channels and classes following the data unless overridden."""
+    from .unet import UNet2D
+
+    follow_data = {"sample_size": config.image_size, "in_channels": config.channels,
+                   "out_channels": config.channels, "num_classes": data_classes}
+    return UNet2D.from_preset(config.model, **{**follow_data, **config.model_overrides})
+
+
+def build_scheduler(config: TrainConfig):
+    """The scheduler saved with the model; its ᾱ table is also the one training noises with."""
+    from .scheduling_ddim import DDIMScheduler
+
+    # clip_sample: the data lies in [-1, 1], so DDIM's x̂0 may be clipped to it.
+    return DDIMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                         prediction_type=config.prediction_type, clip_sample=True)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant. It depends on the step only (not on ``steps``), so a run
+    extended with --resume and a larger --steps continues on the same curve."""
+    return config.lr * min(1.0, (step + 1) / (config.warmup_steps + 1))
+
+
+def draw_batch(images, labels, gen, config: TrainConfig, null_class: int):
+    """One batch, every random number from ``gen`` in this fixed order (indices with replacement,
+    timesteps, noise, label-dropout coins): the whole data pipeline's state is ``gen.get_state()``."""
+    index = torch.randint(len(images), (config.batch_size,), generator=gen)  # (B,)
+    timesteps = torch.randint(config.num_train_timesteps, (config.batch_size,), generator=gen)  # (B,)
+    noise = torch.randn((config.batch_size, *images.shape[1:]), generator=gen)  # (B, C, S, S)
+    drop = torch.rand(config.batch_size, generator=gen) < config.label_dropout  # (B,)
+    class_labels = None if labels is None else torch.where(drop, null_class, labels[index])
+    return images[index], class_labels, timesteps, noise
+
+
+def train_step(model, optimizer, batch, alphas_cumprod, config: TrainConfig, step: int) -> float:
+    """Algorithm 1 of Ho et al. on one batch: noise x0 to x_t, regress the target, one AdamW step."""
+    device = alphas_cumprod.device
+    x0, class_labels, timesteps, noise = (None if t is None else t.to(device) for t in batch)
+    x_t, target = ops.q_sample(x0, noise, timesteps, alphas_cumprod, target=config.prediction_type)
+    loss = F.mse_loss(model(x_t, timesteps, class_labels=class_labels).float(), target.float())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    optimizer.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """θ_ema ← decay·θ_ema + (1 − decay)·θ; buffers are copied."""
+    for ema_p, p in zip(ema.parameters(), model.parameters()):
+        ema_p.lerp_(p, 1 - decay)
+    for ema_b, b in zip(ema.buffers(), model.buffers()):
+        ema_b.copy_(b)
+
+
+def ema_decay_at(config: TrainConfig, step: int) -> float:
+    return min(config.ema_decay, (1 + step) / (10 + step))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, config, step, losses, model, ema, optimizer, gen) -> None:
+    """One safetensors file; AdamW's per-parameter state flattened to ``optimizer.<key>.<param name>``."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for name, param in model.named_parameters():
+        for key, value in optimizer.state.get(param, {}).items():  # exp_avg, exp_avg_sq, step
+            tensors[f"optimizer.{key}.{name}"] = torch.as_tensor(value)
+    tensors["rng.generator"] = gen.get_state()
+    tensors["rng.torch_cpu"] = torch.get_rng_state()
+    if next(model.parameters()).is_cuda:  # dropout on CUDA draws from the device's own RNG
+        tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(next(model.parameters()).device)
+    metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "config": json.dumps(config.to_dict()),
+                "loss_history": json.dumps(losses)}
+    save_tensors(tensors, path, metadata=metadata)
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a training checkpoint; ValueError for anything else."""
+    tensors = load_tensors(path, argument="checkpoint")  # refuses pickle, truncated or corrupt files
+    metadata = read_metadata(path)
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint: {path} is a safetensors file but not a fastdiff training checkpoint "
+                         f"(metadata format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+    return tensors, metadata
+
+
+def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    """Refuse to resume when a field that changes what a step computes differs from the checkpoint's."""
+    current = config.to_dict()
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint vs {current[k]!r} now" for k in changed)
+        raise ValueError(f"cannot resume from {path}: the config differs in fields that change training "
+                         f"({diffs}). Only {', '.join(RESUMABLE_CHANGES)} may change on --resume.")
+
+
+def load_checkpoint(path: Path, config, model, ema, optimizer, gen) -> tuple[int, list[float]]:
+    """Restore everything ``save_checkpoint`` wrote; returns (step, loss history)."""
+    tensors, metadata = read_checkpoint(path)
+    check_resumable(json.loads(metadata["config"]), config, path)
+
+    def section(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    try:
+        model.load_state_dict(section("model."))
+        ema.load_state_dict(section("ema."))
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint: {path} does not fit this model ({err})") from err
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    state: dict[int, dict] = {}
+    for key, value in section("optimizer.").items():
+        field_name, param_name = key.split(".", 1)
+        state.setdefault(index[param_name], {})[field_name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    gen.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    if "rng.torch_cuda" in tensors and next(model.parameters()).is_cuda:
+        torch.cuda.set_rng_state(tensors["rng.torch_cuda"], next(model.parameters()).device)
+    return int(metadata["step"]), json.loads(metadata["loss_history"])
+
+
+# ----------------------------------------------------------------------------- the loop
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _cuda_indices(device: torch.device) -> list[int]:
+    """The CUDA device whose RNG ``fork_rng`` must save and restore; none on CPU."""
+    if device.type != "cuda":
+        return []
+    return [torch.cuda.current_device() if device.index is None else device.index]
+
+
+def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> TrainResult:
+    """Train per ``config``; with ``resume``, continue from ``out_dir/checkpoint.safetensors``."""
+    out_dir = Path(config.out_dir)
+    checkpoint = out_dir / CHECKPOINT_NAME
+    if resume and not checkpoint.exists():
+        raise ValueError(f"resume: no checkpoint at {checkpoint}; run without --resume to start training")
+    if not resume and checkpoint.exists():
+        raise ValueError(f"{out_dir} already holds a checkpoint; pass --resume to continue it, "
+                         "or choose another --out (refusing to overwrite a run)")
+    device = resolve_device(config.device)
+    images, labels = load_dataset(config.dataset, config.image_size, config.channels)
+    scheduler = build_scheduler(config)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+
+    # Seed a private copy of the global RNGs (model init, dropout): the caller's streams are untouched.
+    with torch.random.fork_rng(devices=_cuda_indices(device)):
+        torch.manual_seed(config.seed)
+        model = build_model(config, num_classes(labels)).to(device)
+        if not model.is_conditional:  # num_classes=None overridden on labelled data: train unconditionally
+            labels = None
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        gen = torch.Generator().manual_seed(config.seed)
+        step, losses = 0, []
+        if resume:
+            step, losses = load_checkpoint(checkpoint, config, model, ema, optimizer, gen)
+            logger.info("resumed from %s at step %d", checkpoint, step)
+
+        model.train()
+        bar = tqdm(total=config.steps, initial=min(step, config.steps), disable=not progress, desc="train")
+        while step < config.steps:
+            batch = draw_batch(images, labels, gen, config, model.null_class)
+            losses.append(train_step(model, optimizer, batch, alphas_cumprod, config, step))
+            ema_update(ema, model, ema_decay_at(config, step))
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                recent = losses[-config.log_every:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+                logger.info("step %d: loss %.4f", step, sum(recent) / len(recent))
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save_checkpoint(checkpoint, config, step, losses, model, ema, optimizer, gen)
+        bar.close()
+
+    pipeline_path = save_pipeline(ema, scheduler, out_dir / PIPELINE_DIR)
+    return TrainResult(loss_history=losses, pipeline_path=pipeline_path, checkpoint_path=checkpoint, step=step)
+
+
+def save_pipeline(ema, scheduler, path: Path) -> Path:
+    """The EMA weights with the DDIM scheduler, in the layout ``fastdiff.load_pretrained`` reads."""
+    from .pipeline import DiffusionPipeline
+
+    DiffusionPipeline(ema, scheduler).save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``fastdiff train``; defaults come from ``TrainConfig``."""
+    d = TrainConfig()
+    parser.add_argument("--dataset", default=d.dataset, help="'digits' (scikit-learn, no download) or a folder of "
+                        "images; one subfolder per class makes it class-conditional (default: %(default)s)")
+    parser.add_argument("--out", default=d.out_dir, help="output folder: checkpoint.safetensors and pipeline/ "
+                        "(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d.prediction_type,
+                        help="what the model predicts (default: %(default)s)")
+    parser.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=d.beta_schedule,
+                        help="noise schedule (default: %(default)s)")
+    parser.add_argument("--ema-decay", type=float, default=d.ema_decay, help="default: %(default)s")
+    parser.add_argument("--label-dropout", type=float, default=d.label_dropout, help="probability of training a "
+                        "sample unconditionally, for classifier-free guidance (default: %(default)s)")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between "
+                        "checkpoints; one is also written at the end (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    parser.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... or auto (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=d.image_size, help="square side in pixels "
+                        "(default: %(default)s)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                        help="1 or 3 (default: 1 for digits, 3 for an image folder)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
+                        "exactly as if it had not stopped; --steps may be raised")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fastdiff train``: build the config from the flags, train, print where the pipeline went."""
+    config = TrainConfig(dataset=args.dataset, out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
+                         lr=args.lr, prediction_type=args.prediction_type, beta_schedule=args.beta_schedule,
+                         ema_decay=args.ema_decay, label_dropout=args.label_dropout,
+                         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
+                         image_size=args.image_size, channels=args.channels)
+    result = train(config, progress=not args.no_progress, resume=args.resume)
+    final = result.loss_history[-1] if result.loss_history else float("nan")
+    print(f"trained {result.step} steps (last loss {final:.4f}); pipeline saved to {result.pipeline_path}")
+    return 0
