@@ -39,7 +39,9 @@ def _sample(args: argparse.Namespace) -> int:
     pipe = load_pretrained(args.model, device=device)
     scheduler_cls = DDIMScheduler if args.scheduler == "ddim" else DDPMScheduler
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
-    steps = args.steps or (50 if args.scheduler == "ddim" else pipe.scheduler.config.num_train_timesteps)
+    steps = args.steps
+    if steps is None:
+        steps = 50 if args.scheduler == "ddim" else pipe.scheduler.config.num_train_timesteps
 
     num_classes = pipe.unet.num_classes
     classes = args.classes if args.classes is not None else (list(range(num_classes)) if num_classes else None)

@@ -119,16 +119,18 @@ def test_spaced_timesteps_matches_diffusers_property(T_n, spacing, offset):
 def test_spaced_timesteps_are_n_distinct_steps(T_n, spacing):
     """n strictly descending timesteps in [0, T): what every sampling loop relies on.
 
-    KNOWN BUG (shared with diffusers 0.42, reported): 'trailing' computes np.arange(T, 0, -T/n),
-    and float rounding makes that n + 1 long for some (T, n) — e.g. T=1000 with n=61, 103, 121 —
-    the extra timestep being -1.
+    diffusers 0.42's 'trailing' computes np.arange(T, 0, -T/n), and float rounding makes that
+    n + 1 long for some (T, n) — e.g. T=1000 with n=61, 103, 121 — the extra timestep being -1.
+    fastdiff keeps diffusers' values but always n of them.
     """
     T, n = T_n
     timesteps = schedules.spaced_timesteps(T, n, spacing)
     assert len(timesteps) == n, f"T={T} n={n}: {len(timesteps)} timesteps, ending {timesteps[-3:].tolist()}"
     assert timesteps.min() >= 0 and timesteps.max() <= T - 1
     assert (np.diff(timesteps) < 0).all()
-    if spacing != "leading":  # trailing and linspace start at the last training step
+    # trailing and linspace start at the last training step (linspace with n = 1 is the single
+    # point 0, as np.linspace(0, T-1, 1) and diffusers have it)
+    if spacing == "trailing" or (spacing == "linspace" and n > 1):
         assert timesteps[0] == T - 1
 
 
