@@ -72,21 +72,24 @@ class TrainConfig:
     # the cosine schedule has ᾱ_t < 0.01 for only the last 6.5%.
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
-    steps: int = 4000
+    # The embedded digits model's recipe (steps, lr, ema_decay): 2000 steps pass the digits quality
+    # bar (DDIM-50 accuracy >= 0.9) and take ~15-30 minutes on a 2-core CPU.
+    steps: int = 2000
     batch_size: int = 128
-    # Small U-Nets tolerate a larger rate than the 1e-4 of image-scale models; with warm-up and
-    # clipping, 5e-4 is stable on digits and reaches a good loss in a few thousand steps.
-    lr: float = 5e-4
+    # A 1M-parameter U-Net tolerates a larger rate than the 1e-4 of image-scale models; with
+    # warm-up and clipping, 1e-3 is stable on digits and converges within the 2000 steps.
+    lr: float = 1e-3
     # Off: the EMA already smooths the weights, and decay would pull on the norm layers' scales.
     weight_decay: float = 0.0
     # Linear warm-up from 0: Adam's second-moment estimates are poor in the first steps.
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    # Averaging horizon ~1/(1 − decay) = 1000 steps; the decay itself warms up as
-    # min(decay, (1 + step)/(10 + step)) so early, random weights are forgotten quickly.
-    ema_decay: float = 0.999
+    # Averaging horizon ~1/(1 − decay) = 200 steps, a tenth of the run: long enough to smooth
+    # AdamW's noise, short enough not to drag in weights from the first half. Raise it for longer
+    # runs (0.999 for ~10k steps). The decay warms up as min(decay, (1 + step)/(10 + step)).
+    ema_decay: float = 0.995
     label_dropout: float = 0.1
-    checkpoint_every: int = 500
+    checkpoint_every: int = 250
     seed: int = 0
     # "auto": CUDA when available, else CPU.
     device: str = "auto"
