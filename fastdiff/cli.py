@@ -9,6 +9,8 @@ import platform
 import sys
 import time
 
+from .backend import BACKENDS, use_backend
+
 
 def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="digits", help="pipeline folder, or 'digits' for the embedded model (default)")
@@ -24,8 +26,6 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None,
                         help="number of images (default: 4 per class for conditional models, else 16)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
-                        help="fused-op path (default: $FASTDIFF_BACKEND or auto)")
     parser.add_argument("--scale", type=int, default=None, help="upscale factor of the PNG (default: to ~64 px per image)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -33,7 +33,7 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from . import DDIMScheduler, DDPMScheduler, load_pretrained, use_backend
+    from . import DDIMScheduler, DDPMScheduler, load_pretrained
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pretrained(args.model, device=device)
@@ -51,9 +51,8 @@ def _sample(args: argparse.Namespace) -> int:
 
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    with use_backend(args.backend) if args.backend else contextlib.nullcontext():
-        out = pipe(batch_size=batch, num_inference_steps=steps, generator=generator, class_labels=labels,
-                   guidance_scale=args.guidance, eta=args.eta, progress=not args.no_progress)
+    out = pipe(batch_size=batch, num_inference_steps=steps, generator=generator, class_labels=labels,
+               guidance_scale=args.guidance, eta=args.eta, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     scale = args.scale or max(1, 64 // pipe.unet.config.sample_size)
     path = out.save_grid(args.out, nrow=nrow, scale=scale)
@@ -121,13 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="versions, device and usable backends",
                                description="Print versions, the device and which backends can run.")
     info.set_defaults(run=_info)
+    for command in (sample, train, judge):
+        command.add_argument("--backend", choices=BACKENDS, default=None,
+                             help="fused-op path: triton kernels or the torch reference (default: $FASTDIFF_BACKEND "
+                                  "or auto). Kernels have no backward: training runs the reference for the U-Net")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    backend = getattr(args, "backend", None)
     try:
-        return args.run(args) or 0
+        with use_backend(backend) if backend else contextlib.nullcontext():
+            return args.run(args) or 0
     except (ValueError, RuntimeError, ImportError) as err:  # bad input: a message, not a traceback
         print(f"fastdiff {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -2,8 +2,12 @@
 
 Schedulers, the U-Net and the pipeline call these functions only. Each checks its input, then runs
 the Triton kernel (``fastdiff.kernels``) or the plain-PyTorch twin (``fastdiff.reference``, same
-signature) as ``fastdiff.backend.resolve`` decides. An op that has no kernel yet runs the
-reference on every backend; ``kernel_ops()`` lists the ones that do.
+signature) as ``fastdiff.backend.resolve`` decides; ``kernel_ops()`` lists the ops with a kernel.
+
+No kernel has a backward pass: whenever autograd has to record an op (an input requires grad and
+grad mode is on, i.e. training), the reference runs, on every backend. Input a kernel cannot take
+(float64, a head dim over 256, ...) runs the reference under 'auto' and raises a ``ValueError``
+(``fastdiff.kernels.Unsupported``) saying why under an explicit 'triton'.
 """
 
 from __future__ import annotations
@@ -14,32 +18,51 @@ from typing import Callable
 import torch
 
 from . import reference
-from .backend import resolve
+from .backend import get_backend, resolve
 from .reference import NOISING_TARGETS, PREDICTION_TYPES, VARIANCE_TYPES
 
 OP_NAMES = ("q_sample", "ddpm_step", "ddim_step", "attention", "group_norm")
 
 
-def _kernel_module():
+def _kernel(name: str, strict: bool = False) -> Callable | None:
+    """The Triton launcher of op ``name``; None when it cannot load (triton missing or broken), or
+    the import error itself when ``strict`` (an explicit 'triton' backend must not quietly fall back)."""
     try:
-        return importlib.import_module(".kernels", __package__)
-    except ImportError:  # triton missing or broken: the reference path still works
+        return importlib.import_module(".kernels", __package__).launcher(name)
+    except (ImportError, AttributeError):
+        if strict:
+            raise
         return None
 
 
 def kernel_ops() -> list[str]:
     """Names of the ops that have a Triton kernel in this install."""
-    module = _kernel_module()
-    return [name for name in OP_NAMES if module is not None and callable(getattr(module, name, None))]
+    return [name for name in OP_NAMES if callable(_kernel(name))]
 
 
-def _impl(name: str, tensor: torch.Tensor) -> Callable:
-    if resolve(tensor) == "triton":
-        module = _kernel_module()
-        kernel = getattr(module, name, None) if module is not None else None
+def _needs_autograd(args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _run(name: str, tensor: torch.Tensor, *args, **kwargs):
+    """Run op ``name`` on the path ``resolve(tensor)`` picks.
+
+    The kernels have no backward: when autograd has to record the op (training), the reference
+    runs on every backend. Input a kernel cannot take (``kernels.Unsupported``: a dtype, a size)
+    runs the reference under 'auto' and is an error under an explicit 'triton'.
+    """
+    if resolve(tensor) == "triton" and not _needs_autograd(args + tuple(kwargs.values())):
+        explicit = get_backend() == "triton"
+        kernel = _kernel(name, strict=explicit)
         if kernel is not None:
-            return kernel
-    return getattr(reference, name)
+            from .kernels import Unsupported
+
+            try:
+                return kernel(*args, **kwargs)
+            except Unsupported:
+                if explicit:
+                    raise
+    return getattr(reference, name)(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -84,7 +107,7 @@ def q_sample(x0, noise, timesteps, alphas_cumprod, target=None):
     if alphas_cumprod.ndim != 1:
         raise ValueError(f"alphas_cumprod must be 1-D, got shape {tuple(alphas_cumprod.shape)}")
     _one_of("target", target, NOISING_TARGETS)
-    return _impl("q_sample", x0)(x0, noise, timesteps, alphas_cumprod, target=target)
+    return _run("q_sample", x0, x0, noise, timesteps, alphas_cumprod, target=target)
 
 
 def ddpm_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None, *, predicted_variance=None,
@@ -98,7 +121,7 @@ def ddpm_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None,
             raise ValueError(f"variance_type={variance_type!r} needs the model's predicted variance: "
                              "a model output with twice the sample's channels")
         _same_shape("predicted_variance", predicted_variance, "sample", sample)
-    return _impl("ddpm_step", sample)(
+    return _run("ddpm_step", sample,
         model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, predicted_variance=predicted_variance,
         prediction_type=prediction_type, variance_type=variance_type, clip_sample_range=clip_sample_range,
         dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
@@ -112,7 +135,7 @@ def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None,
     _check_step(model_output, sample, noise, prediction_type, uncond_model_output)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    return _impl("ddim_step", sample)(
+    return _run("ddim_step", sample,
         model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta, prediction_type=prediction_type,
         clip_sample_range=clip_sample_range, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
         sample_max_value=sample_max_value, use_clipped_model_output=use_clipped_model_output,
@@ -120,7 +143,10 @@ def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None,
 
 
 def attention(q, k, v, scale=None):
-    """softmax(q·kᵀ·scale)·v over (B, H, Nq, D) × (B, H, Nk, D); see ``reference.attention``."""
+    """softmax(q·kᵀ·scale)·v over (B, H, Nq, D) × (B, H, Nk, D); see ``reference.attention``.
+
+    Kernel: flash-style forward, head dims up to 256. Under autograd (q, k or v requiring grad)
+    the reference runs: the kernel has no backward."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _floating(name, x)
         if x.ndim != 4:
@@ -130,11 +156,13 @@ def attention(q, k, v, scale=None):
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"attention expects q (B, H, Nq, D) and k, v (B, H, Nk, D); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    return _impl("attention", q)(q, k, v, scale=scale)
+    return _run("attention", q, q, k, v, scale=scale)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
-    """GroupNorm over (B, C, ...) with optional fused SiLU; see ``reference.group_norm``."""
+    """GroupNorm over (B, C, ...) with optional fused SiLU; see ``reference.group_norm``.
+
+    Under autograd (x, weight or bias requiring grad) the reference runs: the kernel has no backward."""
     _floating("x", x)
     if x.ndim < 2:
         raise ValueError(f"x must have shape (B, C, ...), got {tuple(x.shape)}")
@@ -143,4 +171,4 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (x.shape[1],):
             raise ValueError(f"{name} must have shape ({x.shape[1]},), got {tuple(p.shape)}")
-    return _impl("group_norm", x)(x, num_groups, weight, bias, eps=eps, silu=silu)
+    return _run("group_norm", x, x, num_groups, weight, bias, eps=eps, silu=silu)

@@ -4,8 +4,8 @@ The requirement: for every combination of the config options, in float32, fastdi
 timesteps, the same ᾱ table and the same samples after a full sampling loop as diffusers (≤ 1e-5
 relative to the largest value), with noise drawn from a torch.Generator in the same order, so one
 seed gives the same images in both. The parity grid below runs both libraries side by side from
-the same seed, on every backend (today 'torch' and 'auto' both take the reference path; once the
-Triton kernels land, 'auto' on a CUDA tensor takes them and this grid is their acceptance test).
+the same seed, on both backends: 'torch' (the reference) and 'triton' (the fused step kernels, on
+CUDA or, without a GPU, on the CPU through Triton's interpreter). It is the kernels' acceptance test.
 
 Tolerance, everywhere: rtol = 1e-5 and atol = 1e-5 · max|expected|, i.e. 1e-5 relative to the
 scale of the tensor, so that elements near zero do not need a relative match they cannot have.
@@ -31,7 +31,7 @@ diffusers = pytest.importorskip("diffusers")
 RTOL = 1e-5
 SHAPE = (2, 3, 8, 8)  # (B, C, H, W)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-BACKENDS = ["torch", "auto"]
+BACKENDS = ["torch", "triton"]
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -220,6 +220,8 @@ def sample_loop(scheduler, case: Case, device: str):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_full_loop_matches_diffusers(case, backend, device):
+    if backend == "triton" and not (device == "cuda" or fastdiff.backend.interpreter_enabled()):
+        pytest.skip("the triton backend needs CUDA tensors or TRITON_INTERPRET=1")
     ours = getattr(fastdiff, case.kind)(**case.config)
     theirs = diffusers_twin(case.kind, case.config)
     assert_matches(ours.alphas_cumprod, theirs.alphas_cumprod, "alphas_cumprod")

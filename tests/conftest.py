@@ -1,0 +1,39 @@
+"""Test-session setup shared by every test file.
+
+* Without a CUDA GPU, Triton kernels run on the CPU through Triton's interpreter. It has to be
+  chosen before ``triton`` is first imported, hence here, at collection time.
+* The suite's default backend is 'torch' (the reference): model-sized tests (U-Net, pipeline,
+  quality, training) would take hours through the interpreter. Kernel tests opt in explicitly, with
+  ``fastdiff.use_backend("triton")`` or by calling the launchers in ``fastdiff.kernels``; a
+  ``FASTDIFF_BACKEND`` already in the environment is respected.
+* ``@pytest.mark.gpu`` tests (realistic sizes) run only where CUDA is available: ``pytest -m gpu``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FASTDIFF_BACKEND", "torch")
+
+# Where the kernel tests put their tensors: the GPU when there is one, else the CPU (interpreter).
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    return KERNEL_DEVICE
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
