@@ -30,6 +30,28 @@ def kernel_device() -> str:
     return KERNEL_DEVICE
 
 
+@pytest.fixture
+def launches(monkeypatch) -> dict[str, int]:
+    """op name -> how many times its Triton launcher ran in this test (so a green kernel test cannot
+    be the reference answering in the kernel's place)."""
+    import importlib
+
+    from fastdiff import ops
+
+    counts = {name: 0 for name in ops.OP_NAMES}
+    kernels = importlib.import_module("fastdiff.kernels")
+    for name in ops.OP_NAMES:
+        module = importlib.import_module(f"fastdiff.kernels.{kernels.OP_MODULES[name]}")
+        launcher = getattr(module, name)
+
+        def counted(*args, _name=name, _launcher=launcher, **kwargs):
+            counts[_name] += 1
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

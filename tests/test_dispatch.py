@@ -47,23 +47,6 @@ def call(op: str, dtype=torch.float32, requires_grad=False):
     return ops.group_norm(x, 2, silu=True)
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """op name -> how many times its Triton launcher ran."""
-    counts = {name: 0 for name in ops.OP_NAMES}
-    kernels = importlib.import_module("fastdiff.kernels")
-    for name in ops.OP_NAMES:
-        module = importlib.import_module(f"fastdiff.kernels.{kernels.OP_MODULES[name]}")
-        launcher = getattr(module, name)
-
-        def counted(*args, _name=name, _launcher=launcher, **kwargs):
-            counts[_name] += 1
-            return _launcher(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
-    return counts
-
-
 def test_every_op_has_a_kernel():
     assert ops.kernel_ops() == list(ops.OP_NAMES)
 

@@ -8,13 +8,11 @@ noising (SDEdit's start, and every training step).
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 import fastdiff
-from fastdiff import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2D, backend, ops
+from fastdiff import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2D, backend
 from fastdiff.cli import main
 from fastdiff.training import TrainConfig, train
 
@@ -24,23 +22,6 @@ pytestmark = [
                        reason="the triton backend needs CUDA or TRITON_INTERPRET=1"),
 ]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """op name -> how many times its Triton launcher ran."""
-    counts = {name: 0 for name in ops.OP_NAMES}
-    kernels = importlib.import_module("fastdiff.kernels")
-    for name in ops.OP_NAMES:
-        module = importlib.import_module(f"fastdiff.kernels.{kernels.OP_MODULES[name]}")
-        launcher = getattr(module, name)
-
-        def counted(*args, _name=name, _launcher=launcher, **kwargs):
-            counts[_name] += 1
-            return _launcher(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
-    return counts
 
 
 def tiny_unet() -> UNet2D:
