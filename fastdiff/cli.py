@@ -1,4 +1,4 @@
-"""The ``fastdiff`` command: sample, train, quality, info."""
+"""The ``fastdiff`` command: sample, train, quality, compare, info."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, quality, training
+    from . import __version__, compare, quality, training
 
     parser = argparse.ArgumentParser(prog="fastdiff", description="Fast DDPM/DDIM sampling with fused Triton kernels.")
     parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
                                             "scikit-learn's digits: accuracy, confidence, diversity.")
     quality.add_arguments(judge)
     judge.set_defaults(run=quality.run)
+
+    diff = commands.add_parser("compare", help="fast (Triton) vs reference (PyTorch) path from one seed: "
+                                               "per-step errors and speed-up",
+                               description="Sample a model on the Triton and on the PyTorch path from the same seed; "
+                                           "report, per step, the max/mean abs and relative error of x_t and of the "
+                                           "predicted x0, the final image difference and the speed-up.")
+    compare.add_arguments(diff)
+    diff.set_defaults(run=compare.run)
 
     info = commands.add_parser("info", help="versions, device and usable backends",
                                description="Print versions, the device and which backends can run.")

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -79,6 +80,7 @@ class DiffusionPipeline:
         strength: float = 0.8,
         use_clipped_model_output: bool | None = None,
         progress: bool = True,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> ImagePipelineOutput:
         """Generate ``batch_size`` images.
 
@@ -87,9 +89,13 @@ class DiffusionPipeline:
         eta: DDIM's η (0 = deterministic). image + strength: image-guided sampling (SDEdit, Meng
         et al. 2022): ``image`` ((C, H, W) or (1 or B, C, H, W), in [0, 1]) is noised to the
         step ``strength`` of the way into the schedule and denoised from there.
+        callback(step_index, t, prev_sample, pred_original_sample): called after each step (e.g. by
+        ``fastdiff.compare`` to record the trajectory); it must not modify the tensors.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
         unet, scheduler, device = self.unet, self.scheduler, self.device
         labels = self._labels(class_labels, batch_size)
         guidance = self._guidance(guidance_scale, labels)
@@ -109,7 +115,7 @@ class DiffusionPipeline:
 
         if guidance is not None:  # conditional and unconditional halves in one batch
             labels = torch.cat([labels, torch.full_like(labels, unet.null_class)])
-        for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
             model_input = scheduler.scale_model_input(sample, t)
             if guidance is None:
                 model_output = unet(model_input, t, labels)
@@ -117,7 +123,10 @@ class DiffusionPipeline:
             else:
                 model_output, uncond = unet(torch.cat([model_input, model_input]), t, labels).chunk(2)
                 guide = {"uncond_model_output": uncond, "guidance_scale": guidance}
-            sample = scheduler.step(model_output, t, sample, generator=generator, **step_kwargs, **guide).prev_sample
+            out = scheduler.step(model_output, t, sample, generator=generator, **step_kwargs, **guide)
+            sample = out.prev_sample
+            if callback is not None:
+                callback(i, int(t), sample, out.pred_original_sample)
         return ImagePipelineOutput(images=(sample / 2 + 0.5).clamp(0, 1).float())
 
     def _labels(self, class_labels, batch_size: int) -> torch.Tensor | None:
