@@ -1,0 +1,358 @@
+"""fastdiff's fused kernels inside diffusers' own pipelines and models.
+
+    from diffusers import DDIMPipeline
+    from fastdiff.compat.diffusers import accelerate
+
+    pipe = accelerate(DDIMPipeline.from_pretrained("google/ddpm-cifar10-32"))  # same object, swapped in place
+    images = pipe(num_inference_steps=50, eta=0.0).images
+
+* ``FastDDPMScheduler``, ``FastDDIMScheduler``: subclasses of diffusers' ``DDPMScheduler`` and
+  ``DDIMScheduler``, so config, ``from_config``, ``save_pretrained`` / ``from_pretrained``,
+  ``compatibles`` and ``isinstance`` checks are diffusers' own. ``step``, ``add_noise`` and
+  ``get_velocity`` run ``fastdiff.ops``' fused ops (a whole sampling step in one launch) with
+  diffusers' semantics: the same generator draws in the same order, the same outputs.
+* ``FastAttnProcessor``: an attention processor that does what diffusers' ``AttnProcessor2_0`` does
+  (spatial norm, group norm, cross-attention norm, q/k norms, mask, residual, rescale factor)
+  with fastdiff's flash-attention kernel in place of ``scaled_dot_product_attention``.
+* ``accelerate(pipe_or_model)``: swaps both in and returns the same object.
+
+The path follows fastdiff's backend switch (``FASTDIFF_BACKEND``, ``fastdiff.use_backend``): under
+'auto' CUDA tensors take the kernels. Where a kernel would not give diffusers' result, diffusers'
+own code (the stock path) runs instead, whatever the backend:
+
+* schedulers: float64 or mixed-dtype/mixed-device input (the kernels take fp32/fp16/bf16 alike),
+  ``variance_type="fixed_large_log"`` (diffusers returns NaN there, fastdiff's op deliberately
+  does not), noise or timesteps that only broadcast;
+* attention: an attention mask, float64, a head dim over 256, or autograd (no kernel backward):
+  ``scaled_dot_product_attention`` runs, as in ``AttnProcessor2_0``. On the 'torch' path it runs
+  too, so a torch-backend accelerated pipeline computes exactly what the stock one does.
+
+This module imports diffusers; ``import fastdiff`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    # diffusers' pipeline loader looks a component's base class up by name in the module that
+    # model_index.json names for it (this one, after accelerate): with SchedulerMixin importable
+    # from here, a saved accelerated pipeline loads back.
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+    from diffusers.utils import deprecate
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError as error:  # diffusers is an optional extra
+    raise ImportError("fastdiff.compat.diffusers needs diffusers (tested with 0.42): pip install diffusers") from error
+
+from .. import ops
+from ..backend import resolve
+
+__all__ = ["FastAttnProcessor", "FastDDIMScheduler", "FastDDPMScheduler", "accelerate"]
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256  # kernels/attention.py: MAX_HEAD_DIM (imported there with triton; kept in step by a test)
+
+
+def _kernel_inputs(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernels take these tensors together: one kernel dtype, one device."""
+    if not all(isinstance(x, torch.Tensor) for x in tensors):
+        return False
+    first = tensors[0]
+    return first.dtype in KERNEL_DTYPES and all(x.dtype == first.dtype and x.device == first.device for x in tensors)
+
+
+def _x0_limits(config) -> dict:
+    """The clip/threshold keywords of the fused steps, from a diffusers scheduler config
+    (thresholding wins over clipping, as in diffusers)."""
+    return {
+        "clip_sample_range": config.clip_sample_range if config.clip_sample else None,
+        "dynamic_thresholding_ratio": config.dynamic_thresholding_ratio if config.thresholding else None,
+        "sample_max_value": config.sample_max_value,
+    }
+
+
+# ----------------------------------------------------------------------------- schedulers
+class _FusedNoising:
+    """add_noise and get_velocity through fastdiff's fused ``q_sample`` (one read of x0 and ε, one
+    write), for the samples it takes; diffusers' own code for the rest."""
+
+    def _noising_fusable(self, samples, noise, timesteps) -> bool:
+        return (_kernel_inputs(samples, noise) and noise.shape == samples.shape
+                and isinstance(timesteps, torch.Tensor) and not timesteps.is_floating_point()
+                and timesteps.dtype != torch.bool and timesteps.ndim <= 1 and timesteps.numel() in (1, len(samples)))
+
+    def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
+        # as diffusers does: keep the table on the samples' device, so later calls copy nothing
+        self.alphas_cumprod = self.alphas_cumprod.to(device=device)
+        return self.alphas_cumprod
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.IntTensor) -> torch.Tensor:
+        """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε for per-sample ``timesteps`` (Ho et al. 2020, eq. 4)."""
+        if not self._noising_fusable(original_samples, noise, timesteps):
+            return super().add_noise(original_samples, noise, timesteps)
+        device = original_samples.device
+        return ops.q_sample(original_samples, noise, timesteps.to(device), self._alphas_cumprod_on(device))
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+        """The v-prediction target v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022)."""
+        if not self._noising_fusable(sample, noise, timesteps):
+            return super().get_velocity(sample, noise, timesteps)
+        device = sample.device
+        table = self._alphas_cumprod_on(device)
+        return ops.q_sample(sample, noise, timesteps.to(device), table, target="v_prediction")[1]
+
+
+class FastDDPMScheduler(_FusedNoising, DDPMScheduler):
+    """diffusers' ``DDPMScheduler`` whose ``step`` is fastdiff's fused DDPM step: x̂0, clip or
+    threshold, posterior mean and σ_t·z in one kernel launch. Same config, same outputs."""
+
+    def _fusable(self, model_output, sample) -> bool:
+        # fixed_large_log: diffusers takes √(log β_t) = NaN; fastdiff's op gives √β_t on purpose, so
+        # the drop-in leaves that option to diffusers. A variance_type edited after construction
+        # would make diffusers mix the attribute and the config: also left to diffusers.
+        return (self.variance_type == self.config.variance_type != "fixed_large_log"
+                and _kernel_inputs(model_output, sample))
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True) -> DDPMSchedulerOutput | tuple:
+        """x_t -> x_{t-1} (Ho et al. 2020, eqs. 7 and 15); diffusers' ``DDPMScheduler.step``."""
+        if not self._fusable(model_output, sample):
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        t = timestep
+        prev_t = self.previous_timestep(t)  # diffusers': t − 1 before set_timesteps
+
+        # 1. a learned variance is the second half of the model output's channels
+        predicted_variance = None
+        if model_output.shape[1] == sample.shape[1] * 2 and self.variance_type in ("learned", "learned_range"):
+            model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
+
+        # 2. ᾱ_t and ᾱ_{t-1} (1 past the last step)
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+
+        # 3. z, drawn where and as diffusers draws it: every step but t = 0
+        noise = None
+        if t > 0:
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=model_output.dtype)
+
+        prev_sample, pred_original_sample = ops.ddpm_step(
+            model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, predicted_variance=predicted_variance,
+            prediction_type=self.config.prediction_type, variance_type=self.variance_type,
+            **_x0_limits(self.config))
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
+class FastDDIMScheduler(_FusedNoising, DDIMScheduler):
+    """diffusers' ``DDIMScheduler`` whose ``step`` is fastdiff's fused DDIM step: x̂0 and ε̂, clip or
+    threshold, σ_t(η) and x_{t-1} in one kernel launch. Same config, same outputs."""
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True) -> DDIMSchedulerOutput | tuple:
+        """x_t -> x_{t-1} (Song et al. 2021, eqs. 12 and 16); diffusers' ``DDIMScheduler.step``."""
+        noisy = eta > 0 and variance_noise is not None
+        fusable = _kernel_inputs(model_output, sample, *([variance_noise] if noisy else []))
+        if (self.num_inference_steps is None or not fusable  # diffusers raises its own error for the first
+                or (noisy and variance_noise.shape != sample.shape)):
+            return super().step(model_output, timestep, sample, eta=eta,
+                                use_clipped_model_output=use_clipped_model_output, generator=generator,
+                                variance_noise=variance_noise, return_dict=return_dict)
+
+        # 1. the previous timestep is t − T // n whatever the spacing (diffusers' rule)
+        prev_timestep = timestep - self.config.num_train_timesteps // self.num_inference_steps
+        alpha_prod_t = self.alphas_cumprod[timestep]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+
+        # 2. z for σ_t·z: given, or drawn as diffusers draws it, only when η > 0
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("pass either generator or variance_noise to step, not both")
+            noise = variance_noise
+            if noise is None:
+                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                     dtype=model_output.dtype)
+
+        prev_sample, pred_original_sample = ops.ddim_step(
+            model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
+            prediction_type=self.config.prediction_type, use_clipped_model_output=bool(use_clipped_model_output),
+            **_x0_limits(self.config))
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
+# diffusers scheduler class -> its fused twin (exact classes: a user's subclass may change step)
+FAST_SCHEDULERS = {DDPMScheduler: FastDDPMScheduler, DDIMScheduler: FastDDIMScheduler}
+
+
+# ----------------------------------------------------------------------------- attention
+def _kernel_takes(query, key, value) -> bool:
+    """Whether fastdiff's attention kernel computes what SDPA would for these (B, H, N, D) tensors."""
+    if not _kernel_inputs(query, key, value) or query.ndim != 4:
+        return False
+    if key.shape != value.shape or key.shape[:2] != query.shape[:2] or key.shape[-1] != query.shape[-1]:
+        return False
+    if not 1 <= query.shape[-1] <= MAX_HEAD_DIM:
+        return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False  # no kernel backward; SDPA's is the stock one (fastdiff's reference would materialise N²)
+    return resolve(query) == "triton"
+
+
+def _project(attn: Attention, hidden_states, encoder_hidden_states, attention_mask):
+    """AttnProcessor2_0's steps before the attention: mask, group norm, projections, heads, q/k norms.
+
+    hidden_states: (B, N, C). Returns q (B, H, Nq, D), k and v (B, H, Nk, D), and the mask in
+    SDPA's (B, H, Nq, Nk) layout, or None.
+    """
+    batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:  # GroupNorm wants channels second: (B, N, C) -> (B, C, N) and back
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, attention_mask
+
+
+class FastAttnProcessor:
+    """diffusers' ``AttnProcessor2_0`` with fastdiff's flash-attention kernel for the attention itself.
+
+    Same call signature as diffusers' processors; set it with ``attn.set_processor(FastAttnProcessor())``
+    or ``unet.set_attn_processor(FastAttnProcessor())``, or let ``accelerate`` do it. Like
+    ``AttnProcessor2_0`` it uses SDPA's scale 1/√D (not ``attn.scale``) and ignores ``upcast_*``.
+    """
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args, **kwargs) -> torch.Tensor:
+        if len(args) > 0 or kwargs.get("scale", None) is not None:
+            deprecate("scale", "1.0.0", "The `scale` argument is deprecated and will be ignored. Please remove it; "
+                      "pass it to the pipeline through `cross_attention_kwargs` instead.")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_shape = None
+        if hidden_states.ndim == 4:  # (B, C, H, W) -> (B, H·W, C)
+            image_shape = hidden_states.shape
+            batch, channels, height, width = image_shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+
+        query, key, value, attention_mask = _project(attn, hidden_states, encoder_hidden_states, attention_mask)
+        if attention_mask is None and _kernel_takes(query, key, value):
+            hidden_states = ops.attention(query, key, value)  # (B, H, Nq, D), the fused kernel
+        else:  # the stock path
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=0.0, is_causal=False)
+
+        batch, heads, _, head_dim = hidden_states.shape
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # output projection, then dropout
+        if image_shape is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(image_shape)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+# ----------------------------------------------------------------------------- accelerate
+_PROCESSOR = FastAttnProcessor()  # stateless: one instance serves every module, as set_attn_processor does
+
+
+def _swap_processors(model: torch.nn.Module) -> tuple[int, list[str]]:
+    """Put FastAttnProcessor on every Attention module of ``model`` whose processor is the stock
+    AttnProcessor2_0. Returns (modules now on FastAttnProcessor, names of processors left alone)."""
+    fast, left = 0, []
+    for module in model.modules():
+        if not isinstance(module, Attention):
+            continue
+        if type(module.processor) is AttnProcessor2_0:
+            module.set_processor(_PROCESSOR)
+        if isinstance(module.processor, FastAttnProcessor):
+            fast += 1
+        else:  # another processor (classic, LoRA, IP-adapter, ...): FastAttnProcessor only reproduces 2_0
+            left.append(type(module.processor).__name__)
+    return fast, left
+
+
+def _warn_left(owner: str, left: list[str]) -> None:
+    if left:
+        names = ", ".join(sorted(set(left)))
+        warnings.warn(f"accelerate: {len(left)} attention module(s) of {owner} keep their processor ({names}); "
+                      "FastAttnProcessor replaces AttnProcessor2_0 only", stacklevel=3)
+
+
+def _fast_scheduler(pipe: DiffusionPipeline):
+    """The pipeline's scheduler as a Fast* scheduler (itself if it already is one); ValueError if none fits."""
+    scheduler = getattr(pipe, "scheduler", None)
+    if type(scheduler) in FAST_SCHEDULERS.values():
+        return scheduler
+    fast_class = FAST_SCHEDULERS.get(type(scheduler))
+    if fast_class is None:
+        raise ValueError(
+            f"accelerate supports diffusers pipelines that sample with DDPMScheduler or DDIMScheduler "
+            f"(DDPMPipeline, DDIMPipeline, ...); {type(pipe).__name__} has scheduler "
+            f"{type(scheduler).__name__}. To run only the attention on fastdiff's kernel, pass the model: "
+            f"accelerate(pipe.unet)")
+    return fast_class.from_config(scheduler.config)
+
+
+def accelerate(pipe_or_model):
+    """Run a diffusers pipeline's or model's hot path on fastdiff's fused kernels; returns the same object.
+
+    * a ``DiffusionPipeline`` whose scheduler is ``DDPMScheduler`` or ``DDIMScheduler``: the scheduler
+      becomes ``FastDDPMScheduler`` / ``FastDDIMScheduler`` (same config), and every attention module of
+      every model component gets ``FastAttnProcessor``;
+    * a model (``UNet2DModel``, ``UNet2DConditionModel``, any ``torch.nn.Module`` holding diffusers
+      ``Attention`` modules): every attention module gets ``FastAttnProcessor``.
+
+    Only stock ``AttnProcessor2_0`` processors are replaced (others are kept, with a warning).
+    Idempotent: a second call changes nothing. Same images as before, for the same generator.
+    """
+    if isinstance(pipe_or_model, DiffusionPipeline):
+        scheduler = _fast_scheduler(pipe_or_model)  # first: an unsupported pipeline is left untouched
+        if scheduler is not pipe_or_model.scheduler:
+            # assigned after construction: DDIMPipeline's constructor would rebuild a DDIMScheduler
+            pipe_or_model.scheduler = scheduler
+        left = []
+        for component in pipe_or_model.components.values():
+            if isinstance(component, torch.nn.Module):
+                left += _swap_processors(component)[1]
+        _warn_left(type(pipe_or_model).__name__, left)
+        return pipe_or_model
+    if isinstance(pipe_or_model, torch.nn.Module):
+        fast, left = _swap_processors(pipe_or_model)
+        if fast == 0:
+            found = f"only {', '.join(sorted(set(left)))} processors" if left else "no diffusers Attention modules"
+            raise ValueError(f"accelerate found {found} in {type(pipe_or_model).__name__}: nothing to run on "
+                             "fastdiff's attention kernel (fastdiff's own UNet2D already runs its fused ops)")
+        _warn_left(type(pipe_or_model).__name__, left)
+        return pipe_or_model
+    raise TypeError(f"pipe_or_model must be a diffusers DiffusionPipeline or a torch.nn.Module (UNet2DModel, "
+                    f"UNet2DConditionModel, ...), got {type(pipe_or_model).__name__}")
