@@ -1,0 +1,149 @@
+"""End-to-end DDIM sampling with the DDPM CIFAR-10 U-Net (35.7M parameters, 32×32) at B = 1, 16, 128, 256.
+
+One timed call is a whole sampling run: noise, ``STEPS`` U-Net forwards and scheduler steps, the
+images left on the device. Every provider runs the same architecture with the same weights (seed 0):
+
+* fastdiff: ``fastdiff.DiffusionPipeline`` on the triton backend (fused GroupNorm+SiLU, flash
+  attention, fused DDIM step);
+* reference: the same pipeline on the torch backend;
+* torch_peer: the same, with the U-Net ``torch.compile``d. Its ``fastdiff.ops`` calls are pointed
+  at ``fastdiff.reference`` for the case: the dispatch reads a ContextVar, which dynamo cannot
+  trace, and would split the graph at every norm and attention;
+* diffusers: stock ``DDIMPipeline`` on ``UNet2DModel(**config.to_diffusers())`` with our weights
+  and SDPA attention (``AttnProcessor2_0``);
+* diffusers_compile: the same with the U-Net ``torch.compile``d;
+* diffusers_fastdiff: the stock pipeline after ``fastdiff.compat.diffusers.accelerate(pipe)``,
+  skipped when that module is not there.
+
+FLOPs: the U-Net's forward counted once (costs.unet_flops_per_image: ~12.4 GFLOP per image) ×
+B × steps; compute bound, judged against the matmul rate of the precision (fp32: TF32, which
+cuDNN uses for fp32 convolutions by default). η = 0, so no noise is drawn inside the loop. On a
+CPU: the digits U-Net (1.1M parameters) at B = 1, 2 steps, fp32, the eager providers only.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+import costs
+import harness
+import fastdiff
+
+OP = "end_to_end"
+STEPS = {"full": 50, "quick": 10, "cpu": 2}
+PROVIDERS = ["fastdiff", "reference", "torch_peer", "diffusers", "diffusers_compile", "diffusers_fastdiff"]
+COMPILED = ("torch_peer", "diffusers_compile")
+
+# GPU: the CIFAR-10 U-Net. CPU: the digits architecture (1.1M parameters, 16x16, unconditional
+# here because DDIMPipeline passes no labels), where a sampling call takes milliseconds, not seconds.
+CASES = harness.expand(
+    [(f"{preset}_B{b}", {"preset": preset, "B": b}, tiers)
+     for preset, b, tiers in (("ddpm-cifar10", 1, {"full", "quick"}), ("ddpm-cifar10", 16, {"full"}),
+                              ("ddpm-cifar10", 128, {"full", "quick"}), ("ddpm-cifar10", 256, {"full"}),
+                              ("digits", 1, {"cpu"}))],
+    {"full": ("fp32", "bf16"), "quick": ("bf16",), "cpu": ("fp32",)})
+
+
+def build_unet(preset, device, dtype) -> fastdiff.UNet2D:
+    """The preset's U-Net, unconditional, with seed-0 weights (identical in every provider), in eval
+    mode (no dropout)."""
+    torch.manual_seed(0)
+    return fastdiff.UNet2D.from_preset(preset, num_classes=None).eval().to(device=device, dtype=dtype)
+
+
+def fastdiff_sampler(unet, batch, steps, backend):
+    pipe = fastdiff.DiffusionPipeline(unet, fastdiff.DDIMScheduler())
+
+    def sample():
+        with fastdiff.use_backend(backend):
+            return pipe(batch_size=batch, num_inference_steps=steps, progress=False).images
+
+    return sample
+
+
+def diffusers_sampler(unet, batch, steps, compile=False, accelerate=False):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+    theirs = diffusers.UNet2DModel(**unet.config.to_diffusers())
+    theirs.load_state_dict(unet.state_dict(), strict=True)
+    theirs = use_sdpa(theirs.eval().to(device=unet.device, dtype=unet.dtype))
+    scheduler = diffusers.DDIMScheduler.from_config(fastdiff.DDIMScheduler().config)
+    pipe = diffusers.DDIMPipeline(unet=theirs, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    if compile:
+        harness.reset_compile()
+        pipe.unet.compile(dynamic=False)
+    if accelerate:
+        pipe = _accelerate()(pipe) or pipe
+    return lambda: pipe(batch_size=batch, num_inference_steps=steps, eta=0.0, output_type="pt").images
+
+
+def use_sdpa(model):
+    """Every attention of a diffusers model on ``AttnProcessor2_0`` (SDPA): diffusers' default on
+    torch 2, set explicitly so that the comparison cannot silently run the unfused processor."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    assert attentions, "the CIFAR-10 U-Net has attention layers"
+    for module in attentions:
+        module.set_processor(AttnProcessor2_0())
+    return model
+
+
+def _accelerate():
+    try:
+        return importlib.import_module("fastdiff.compat.diffusers").accelerate
+    except (ImportError, AttributeError) as err:
+        pytest.skip(f"diffusers_fastdiff: fastdiff.compat.diffusers.accelerate is not available ({err})")
+
+
+def make_sampler(provider, unet, batch, steps, monkeypatch):
+    if provider in ("fastdiff", "reference"):
+        return fastdiff_sampler(unet, batch, steps, "triton" if provider == "fastdiff" else "torch")
+    if provider == "torch_peer":
+        monkeypatch.setattr(importlib.import_module("fastdiff.unet"), "ops", fastdiff.reference)  # see the docstring
+        harness.reset_compile()
+        unet.compile(dynamic=False)
+        return fastdiff_sampler(unet, batch, steps, "torch")
+    if provider == "diffusers_fastdiff":
+        sample = diffusers_sampler(unet, batch, steps, accelerate=True)
+
+        def on_triton():
+            with fastdiff.use_backend("triton"):
+                return sample()
+
+        return on_triton
+    return diffusers_sampler(unet, batch, steps, compile=provider == "diffusers_compile")
+
+
+_reference_images: dict[tuple, torch.Tensor] = {}
+
+
+def reference_images(case, device, steps) -> torch.Tensor:
+    """The reference provider's images of this case (seed 0), sampled once and kept for the other
+    providers' checks: every provider draws the same noise from the global generator."""
+    key = (case.id, device, steps)
+    if key not in _reference_images:
+        unet = build_unet(case.dims["preset"], device, case.torch_dtype)
+        sample = fastdiff_sampler(unet, case.dims["B"], steps, "torch")
+        torch.manual_seed(0)
+        _reference_images[key] = sample()
+    return _reference_images[key]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_end_to_end(bench, env, case, provider, monkeypatch):
+    bench.skip_unless_runnable(provider, compiled=provider in COMPILED)
+    if provider in COMPILED and not env.on_gpu:
+        pytest.skip(f"{provider}: compiling a U-Net takes minutes on a CPU; GPU only")
+    preset, batch, steps = case.dims["preset"], case.dims["B"], STEPS[env.tier]
+    unet = build_unet(preset, env.device, case.torch_dtype)
+    fn = make_sampler(provider, unet, batch, steps, monkeypatch)
+    cost = costs.sampling(costs.unet_flops_per_image(preset), batch, steps)
+    # The error against the reference is recorded, not judged: 50 steps compound rounding differences
+    # (TF32 convolutions, bf16) in ways no fixed tolerance separates from a bug; the op cases judge.
+    expected = None if provider == "reference" else lambda: reference_images(case, env.device, steps)
+    # Seconds per call at large B: no warm-up beyond the untimed first call, 3 timed calls at least.
+    bench.run(op=OP, provider=provider, case=case, fn=fn, cost=cost, expected=expected, flush_l2=False,
+              extra={"sampler": f"DDIM-{steps}", "steps": steps, "preset": preset},
+              rounds=1, warmup_ms=0, rep_ms=2000 if env.on_gpu else 100, min_reps=3, max_reps=20)
