@@ -1,4 +1,4 @@
-"""The ``fastdiff`` command: sample, train, quality, compare, info."""
+"""The ``fastdiff`` command: sample, train, quality, compare, bench, info."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from .backend import BACKENDS, use_backend
 
 def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="digits", help="pipeline folder, or 'digits' for the embedded model (default)")
-    parser.add_argument("--out", default="samples.png", help="PNG grid to write (default: samples.png)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator (default: 0)")
+    parser.add_argument("--out", default=None, help="PNG grid to write (default: samples.png)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator; with --outdir, the base "
+                        "seed from which image i's own seed is derived (default: 0)")
     parser.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim", help="sampler (default: ddim)")
     parser.add_argument("--steps", type=int, default=None, help="inference steps (default: 50 for ddim, 1000 for ddpm)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic, 1 DDPM-like (default: 0)")
@@ -24,25 +25,43 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance weight (default: the model's saved value)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="number of images (default: 4 per class for conditional models, else 16)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+                        help="number of images in the grid (default: 4 per class for conditional models, else 16)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu; "
+                        "under torchrun, cuda means each process's own cuda:LOCAL_RANK)")
     parser.add_argument("--scale", type=int, default=None, help="upscale factor of the PNG (default: to ~64 px per image)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    many = parser.add_argument_group(
+        "evaluation sets (one PNG per image; split over processes under torchrun; a rerun resumes)")
+    many.add_argument("--num-images", type=int, default=None, metavar="M",
+                      help="write images 0..M-1 as DIR/000000.png, ...; needs --outdir")
+    many.add_argument("--outdir", default=None, metavar="DIR", help="folder of the numbered PNGs; PNGs already "
+                      "there are skipped, so rerunning a crashed job finishes it")
+    many.add_argument("--batch-size", type=int, default=32, help="images per U-Net batch and process; it fixes "
+                      "which images share a batch, so keep it when resuming (default: %(default)s)")
+    many.add_argument("--npz", action="store_true", help="also write DIR/samples.npz (arr_0: M x H x W x C uint8, "
+                      "arr_1: labels)")
 
 
-def _sample(args: argparse.Namespace) -> int:
-    import torch
-
+def _load_sampler(args: argparse.Namespace, device):
+    """The pipeline with the requested scheduler, and its number of inference steps."""
     from . import DDIMScheduler, DDPMScheduler, load_pretrained
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pretrained(args.model, device=device)
     scheduler_cls = DDIMScheduler if args.scheduler == "ddim" else DDPMScheduler
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     steps = args.steps
     if steps is None:
         steps = 50 if args.scheduler == "ddim" else pipe.scheduler.config.num_train_timesteps
+    return pipe, steps
 
+
+def _sample(args: argparse.Namespace) -> int:
+    if args.outdir is not None or args.num_images is not None:
+        return _sample_many(args)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe, steps = _load_sampler(args, device)
     num_classes = pipe.unet.num_classes
     classes = args.classes if args.classes is not None else (list(range(num_classes)) if num_classes else None)
     batch = args.batch or (4 * len(classes) if classes else 16)
@@ -55,8 +74,35 @@ def _sample(args: argparse.Namespace) -> int:
                guidance_scale=args.guidance, eta=args.eta, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     scale = args.scale or max(1, 64 // pipe.unet.config.sample_size)
-    path = out.save_grid(args.out, nrow=nrow, scale=scale)
+    path = out.save_grid(args.out or "samples.png", nrow=nrow, scale=scale)
     print(f"wrote {batch} samples ({args.scheduler.upper()}-{steps}, {seconds:.1f} s on {device}) to {path}")
+    return 0
+
+
+def _sample_many(args: argparse.Namespace) -> int:
+    """``--num-images M --outdir DIR``: this process's share of an evaluation set (all of it alone)."""
+    from . import distributed
+    from .sample_many import sample_many
+
+    if args.outdir is None or args.num_images is None:
+        raise ValueError("--num-images and --outdir go together (an evaluation set of M PNGs in DIR)")
+    for flag, value in (("--out", args.out), ("--batch", args.batch), ("--scale", args.scale)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to the grid; with --outdir use --num-images and --batch-size")
+    device = distributed.default_device(args.device)
+    distributed.init_from_env(device)
+    pipe, steps = _load_sampler(args, device)
+    start = time.perf_counter()
+    result = sample_many(pipe, args.num_images, args.outdir, seed=args.seed, batch_size=args.batch_size,
+                         num_inference_steps=steps, classes=args.classes, guidance_scale=args.guidance,
+                         eta=args.eta, npz=args.npz, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    if distributed.is_main():
+        world = distributed.world_size()
+        where = f"{world} processes" if world > 1 else str(device)
+        npz = f"; {result.npz_path}" if result.npz_path else ""
+        print(f"wrote {result.written} images, {result.skipped} already there ({args.scheduler.upper()}-{steps}, "
+              f"{seconds:.1f} s on {where}) to {result.outdir}{npz}")
     return 0
 
 
@@ -94,7 +140,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, compare, quality, training
+    from . import __version__, bench, compare, quality, training
 
     parser = argparse.ArgumentParser(prog="fastdiff", description="Fast DDPM/DDIM sampling with fused Triton kernels.")
     parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
@@ -124,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
                                            "predicted x0, the final image difference and the speed-up.")
     compare.add_arguments(diff)
     diff.set_defaults(run=compare.run)
+
+    bench_cmd = commands.add_parser("bench", help="run the benchmark suite: speed-ups and %% of ceiling, report + plot",
+                                    description="Run benchmarks/ (pytest-benchmark): fastdiff's kernels against the "
+                                                "reference, PyTorch and diffusers. Prints speed-ups and %% of the "
+                                                "measured ceilings; writes JSON, a Markdown report and a plot. "
+                                                "Without a GPU only the CPU cases run.")
+    bench.add_arguments(bench_cmd)
+    bench_cmd.set_defaults(run=bench.run)
 
     info = commands.add_parser("info", help="versions, device and usable backends",
                                description="Print versions, the device and which backends can run.")

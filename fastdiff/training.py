@@ -15,6 +15,15 @@ uninterrupted run. (On CUDA the CUDA RNG state is saved too, but some kernels ar
 bit-deterministic, so a resumed run matches only up to that.) No pickle anywhere: the checkpoint is
 one safetensors file with JSON metadata.
 
+Several processes (``torchrun --nproc-per-node N -m fastdiff train``): DistributedDataParallel
+averages the gradients, so the N model copies, their AdamW states and their EMAs stay identical.
+Each rank's batch (``batch_size`` images: the global batch is N × batch_size) comes from
+DistributedSampler's partition of the current epoch; its timesteps, noise, label-dropout coins and
+dropout masks come from generators seeded by (seed, rank, step), so a step's randomness is a
+function of the step and resuming needs no per-rank RNG state. Rank 0 logs and writes the files;
+every rank reads the checkpoint on resume (a shared file system across nodes), which must have been
+written with the same N. The logged loss is the mean over ranks.
+
 Files in ``out_dir``:
     checkpoint.safetensors  model, EMA, optimizer and RNG tensors; metadata: step, config, losses.
                             Rewritten atomically, so a crash mid-write keeps the previous one.
@@ -33,9 +42,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from . import ops
+from . import distributed, ops
 from .data import load_dataset, num_classes
 from .io import load_tensors, read_metadata, save_tensors
 
@@ -138,6 +149,8 @@ class TrainResult:
     pipeline_path: Path  # fastdiff.load_pretrained(pipeline_path)
     checkpoint_path: Path
     step: int
+    model: torch.nn.Module | None = None  # the trained weights (this rank's copy, identical on every rank)
+    ema: torch.nn.Module | None = None  # their EMA, the weights saved in pipeline_path
 
 
 # ----------------------------------------------------------------------------- pieces of a step
@@ -165,15 +178,56 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * min(1.0, (step + 1) / (config.warmup_steps + 1))
 
 
-def draw_batch(images, labels, gen, config: TrainConfig, null_class: int):
+def draw_batch(images, labels, gen, config: TrainConfig, null_class: int, index: torch.Tensor | None = None):
     """One batch, every random number from ``gen`` in this fixed order (indices with replacement,
-    timesteps, noise, label-dropout coins): the whole data pipeline's state is ``gen.get_state()``."""
-    index = torch.randint(len(images), (config.batch_size,), generator=gen)  # (B,)
+    timesteps, noise, label-dropout coins): the whole data pipeline's state is ``gen.get_state()``.
+    ``index``: the images to use instead of drawing them (a DistributedSampler's share under DDP)."""
+    if index is None:
+        index = torch.randint(len(images), (config.batch_size,), generator=gen)  # (B,)
     timesteps = torch.randint(config.num_train_timesteps, (config.batch_size,), generator=gen)  # (B,)
     noise = torch.randn((config.batch_size, *images.shape[1:]), generator=gen)  # (B, C, S, S)
     drop = torch.rand(config.batch_size, generator=gen) < config.label_dropout  # (B,)
     class_labels = None if labels is None else torch.where(drop, null_class, labels[index])
     return images[index], class_labels, timesteps, noise
+
+
+class EpochShards:
+    """This rank's batch indices at any step: DistributedSampler's partition of the epoch the step
+    falls in (shuffled by (seed, epoch), disjoint across ranks, the last partial batch dropped)."""
+
+    def __init__(self, num_items: int, config: TrainConfig, rank: int, world: int):
+        self.steps_per_epoch = (num_items // world) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size {config.batch_size} is more than the {num_items // world} images each of "
+                             f"the {world} processes gets per epoch ({num_items} in all); lower --batch-size")
+        self.sampler = DistributedSampler(range(num_items), num_replicas=world, rank=rank, shuffle=True,
+                                          seed=config.seed, drop_last=True)
+        self.batch_size, self.epoch, self.order = config.batch_size, None, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:  # one permutation per epoch, recomputed on resume from the step alone
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.order = epoch, torch.tensor(list(self.sampler))
+        return self.order[k * self.batch_size:(k + 1) * self.batch_size]  # (B,)
+
+
+def batch_source(images, labels, gen, config: TrainConfig, null_class: int):
+    """``step -> batch``. One process: everything from ``gen``, as :func:`draw_batch` says. Under DDP:
+    indices from :class:`EpochShards`; the other draws from a generator seeded by (seed, rank, step),
+    and the global RNG (dropout masks) reseeded per step the same way, so ranks differ and a resumed
+    run replays each step exactly without any rank's RNG state in the checkpoint."""
+    if not distributed.is_distributed():
+        return lambda step: draw_batch(images, labels, gen, config, null_class)
+    rank = distributed.rank()
+    shards = EpochShards(len(images), config, rank, distributed.world_size())
+
+    def batch(step: int):
+        torch.manual_seed(distributed.derived_seed(config.seed, rank, step, 1))  # dropout (inside fork_rng)
+        step_gen = torch.Generator().manual_seed(distributed.derived_seed(config.seed, rank, step))
+        return draw_batch(images, labels, step_gen, config, null_class, index=shards(step))
+
+    return batch
 
 
 def train_step(model, optimizer, batch, alphas_cumprod, config: TrainConfig, step: int) -> float:
@@ -205,8 +259,9 @@ def ema_decay_at(config: TrainConfig, step: int) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, config, step, losses, model, ema, optimizer, gen) -> None:
-    """One safetensors file; AdamW's per-parameter state flattened to ``optimizer.<key>.<param name>``."""
+def save_checkpoint(path: Path, config, step, losses, model, ema, optimizer, gen, world_size: int = 1) -> None:
+    """One safetensors file; AdamW's per-parameter state flattened to ``optimizer.<key>.<param name>``.
+    ``model`` is the bare module (not its DDP wrapper), so names carry no ``module.`` prefix."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     for name, param in model.named_parameters():
@@ -217,7 +272,7 @@ def save_checkpoint(path: Path, config, step, losses, model, ema, optimizer, gen
     if next(model.parameters()).is_cuda:  # dropout on CUDA draws from the device's own RNG
         tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(next(model.parameters()).device)
     metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "config": json.dumps(config.to_dict()),
-                "loss_history": json.dumps(losses)}
+                "loss_history": json.dumps(losses), "world_size": str(world_size)}
     save_tensors(tensors, path, metadata=metadata)
 
 
@@ -245,6 +300,10 @@ def load_checkpoint(path: Path, config, model, ema, optimizer, gen) -> tuple[int
     """Restore everything ``save_checkpoint`` wrote; returns (step, loss history)."""
     tensors, metadata = read_checkpoint(path)
     check_resumable(json.loads(metadata["config"]), config, path)
+    saved_world, world = int(metadata.get("world_size", "1")), distributed.world_size()
+    if saved_world != world:  # another N changes the global batch and every rank's data: not the same run
+        raise ValueError(f"cannot resume from {path}: it was written by {saved_world} process(es), this run has "
+                         f"{world}; resume with --nproc-per-node x nodes = {saved_world}")
 
     def section(prefix):
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -269,9 +328,8 @@ def load_checkpoint(path: Path, config, model, ema, optimizer, gen) -> tuple[int
 
 # ----------------------------------------------------------------------------- the loop
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """CUDA when available for "auto", else CPU; under torchrun "auto" and "cuda" mean cuda:LOCAL_RANK."""
+    return distributed.default_device(name)
 
 
 def _cuda_indices(device: torch.device) -> list[int]:
@@ -282,7 +340,12 @@ def _cuda_indices(device: torch.device) -> list[int]:
 
 
 def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> TrainResult:
-    """Train per ``config``; with ``resume``, continue from ``out_dir/checkpoint.safetensors``."""
+    """Train per ``config``; with ``resume``, continue from ``out_dir/checkpoint.safetensors``.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this and trains its DDP replica.
+    """
+    device = resolve_device(config.device)
+    distributed.init_from_env(device)
     out_dir = Path(config.out_dir)
     checkpoint = out_dir / CHECKPOINT_NAME
     if resume and not checkpoint.exists():
@@ -290,7 +353,6 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     if not resume and checkpoint.exists():
         raise ValueError(f"{out_dir} already holds a checkpoint; pass --resume to continue it, "
                          "or choose another --out (refusing to overwrite a run)")
-    device = resolve_device(config.device)
     images, labels = load_dataset(config.dataset, config.image_size, config.channels)
     scheduler = build_scheduler(config)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
@@ -307,26 +369,57 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
         step, losses = 0, []
         if resume:
             step, losses = load_checkpoint(checkpoint, config, model, ema, optimizer, gen)
-            logger.info("resumed from %s at step %d", checkpoint, step)
+            _remove_stale_temps(out_dir)
+            if distributed.is_main():
+                logger.info("resumed from %s at step %d", checkpoint, step)
 
-        model.train()
-        bar = tqdm(total=config.steps, initial=min(step, config.steps), disable=not progress, desc="train")
-        while step < config.steps:
-            batch = draw_batch(images, labels, gen, config, model.null_class)
-            losses.append(train_step(model, optimizer, batch, alphas_cumprod, config, step))
-            ema_update(ema, model, ema_decay_at(config, step))
-            step += 1
-            bar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
-                recent = losses[-config.log_every:]
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-                logger.info("step %d: loss %.4f", step, sum(recent) / len(recent))
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint(checkpoint, config, step, losses, model, ema, optimizer, gen)
-        bar.close()
+        def save(at_step: int) -> None:
+            save_checkpoint(checkpoint, config, at_step, losses, model, ema, optimizer, gen,
+                            world_size=distributed.world_size())
 
-    pipeline_path = save_pipeline(ema, scheduler, out_dir / PIPELINE_DIR)
-    return TrainResult(loss_history=losses, pipeline_path=pipeline_path, checkpoint_path=checkpoint, step=step)
+        next_batch = batch_source(images, labels, gen, config, model.null_class)
+        step = _run_steps(model, ema, optimizer, next_batch, alphas_cumprod, config, step, losses, save, progress)
+
+    if distributed.is_main():
+        save_pipeline(ema, scheduler, out_dir / PIPELINE_DIR)
+    distributed.barrier()  # every rank returns with the files in place
+    return TrainResult(loss_history=losses, pipeline_path=out_dir / PIPELINE_DIR, checkpoint_path=checkpoint,
+                       step=step, model=model, ema=ema)
+
+
+def _run_steps(model, ema, optimizer, next_batch, alphas_cumprod, config, step, losses, save, progress) -> int:
+    """Steps ``step``+1 .. ``config.steps``; rank 0 logs and calls ``save(step)`` at checkpoints."""
+    main = distributed.is_main()
+    device = alphas_cumprod.device
+    net = model
+    if distributed.is_distributed():  # gradients averaged over ranks inside backward()
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    bar = tqdm(total=config.steps, initial=min(step, config.steps), disable=not (progress and main), desc="train")
+    while step < config.steps:
+        loss = train_step(net, optimizer, next_batch(step), alphas_cumprod, config, step)
+        losses.append(distributed.all_reduce_mean(loss, device))
+        ema_update(ema, model, ema_decay_at(config, step))
+        step += 1
+        bar.update(1)
+        if main and (step % config.log_every == 0 or step == config.steps):
+            recent = losses[-config.log_every:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            logger.info("step %d: loss %.4f", step, sum(recent) / len(recent))
+        if main and (step % config.checkpoint_every == 0 or step == config.steps):
+            save(step)
+    bar.close()
+    # Cheap insurance: DDP keeps replicas equal by construction; a silent divergence would corrupt the EMA.
+    if not distributed.all_equal([*model.parameters(), *ema.parameters()], device):
+        raise RuntimeError("DDP replicas diverged: model or EMA weights differ between ranks")
+    return step
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Temp files of a checkpoint write that a killed process never renamed (atomic_write's names)."""
+    if distributed.is_main():
+        for temp in out_dir.glob(f".{CHECKPOINT_NAME}.*.tmp"):
+            temp.unlink(missing_ok=True)
 
 
 def save_pipeline(ema, scheduler, path: Path) -> Path:
@@ -377,5 +470,6 @@ def run(args: argparse.Namespace) -> int:
                          image_size=args.image_size, channels=args.channels)
     result = train(config, progress=not args.no_progress, resume=args.resume)
     final = result.loss_history[-1] if result.loss_history else float("nan")
-    print(f"trained {result.step} steps (last loss {final:.4f}); pipeline saved to {result.pipeline_path}")
+    if distributed.is_main():
+        print(f"trained {result.step} steps (last loss {final:.4f}); pipeline saved to {result.pipeline_path}")
     return 0

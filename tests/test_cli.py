@@ -9,7 +9,7 @@ import torch
 from fastdiff import DDIMScheduler, DiffusionPipeline, UNet2D
 from fastdiff.cli import main
 
-COMMANDS = ["sample", "train", "quality", "compare", "info"]
+COMMANDS = ["sample", "train", "quality", "compare", "bench", "info"]
 
 
 def fastdiff(*args, cwd=None):
