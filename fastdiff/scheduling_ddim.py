@@ -7,7 +7,7 @@ import torch
 from . import ops
 from .configuration import register_to_config
 from .schedules import randn_tensor
-from .scheduling_utils import SchedulerBase, SchedulerOutput
+from .scheduling_utils import SchedulerBase, SchedulerOutput, x0_limits
 
 DDIMSchedulerOutput = SchedulerOutput
 
@@ -69,24 +69,35 @@ class DDIMScheduler(SchedulerBase):
         ``variance_noise`` if given, else drawn from ``generator`` as diffusers draws it.
         """
         t = self._check_step(model_output, timestep, sample)
-        if eta > 0 and variance_noise is not None and generator is not None:
-            raise ValueError("pass either generator or variance_noise, not both")
-        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
-
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-
-        noise = None
-        if eta > 0:
-            noise = variance_noise
-            if noise is None:
-                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                     dtype=model_output.dtype)
-
-        prev_sample, pred_original_sample = ops.ddim_step(
-            model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
-            prediction_type=self.config.prediction_type, use_clipped_model_output=bool(use_clipped_model_output),
-            uncond_model_output=uncond_model_output, guidance_scale=guidance_scale, **self._x0_limits())
+        prev_sample, pred_original_sample = fused_ddim_step(
+            self, model_output, t, sample, eta, use_clipped_model_output, generator, variance_noise,
+            uncond_model_output, guidance_scale)
         if not return_dict:
             return prev_sample, pred_original_sample
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
+def fused_ddim_step(scheduler, model_output, t: int, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+                    generator=None, variance_noise=None, uncond_model_output=None, guidance_scale: float = 1.0):
+    """The DDIM step on the fused op, for fastdiff's ``DDIMScheduler`` and for diffusers' (the drop-in
+    ``fastdiff.compat.diffusers.FastDDIMScheduler``): both have ``config``, ``num_inference_steps``,
+    ``alphas_cumprod`` and ``final_alpha_cumprod``. Returns (x_{t-1}, x̂0)."""
+    if eta > 0 and variance_noise is not None and generator is not None:
+        raise ValueError("pass either generator or variance_noise, not both")
+    # diffusers' rule: the previous timestep is t − T // n whatever the spacing
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_prod_t = scheduler.alphas_cumprod[t]
+    alpha_prod_t_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+
+    # z for σ_t·z: given, or drawn as diffusers draws it, only when η > 0
+    noise = None
+    if eta > 0:
+        noise = variance_noise
+        if noise is None:
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=model_output.dtype)
+
+    return ops.ddim_step(
+        model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
+        prediction_type=scheduler.config.prediction_type, use_clipped_model_output=bool(use_clipped_model_output),
+        uncond_model_output=uncond_model_output, guidance_scale=guidance_scale, **x0_limits(scheduler.config))

@@ -9,7 +9,7 @@ from . import ops
 from .configuration import register_to_config
 from .reference import VARIANCE_TYPES
 from .schedules import randn_tensor
-from .scheduling_utils import SchedulerBase, SchedulerOutput, check_option
+from .scheduling_utils import SchedulerBase, SchedulerOutput, check_option, x0_limits
 
 DDPMSchedulerOutput = SchedulerOutput
 
@@ -95,29 +95,38 @@ class DDPMScheduler(SchedulerBase):
         t = self._check_step(model_output, timestep, sample)
         prev_t = self.previous_timestep(t)
 
-        # 1. split a learned variance off the model output
-        predicted_variance = None
-        learned = self.variance_type in ("learned", "learned_range")
-        if learned and model_output.shape[1] == sample.shape[1] * 2:
-            model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
-            if uncond_model_output is not None:
-                uncond_model_output = torch.split(uncond_model_output, sample.shape[1], dim=1)[0]
-
-        # 2. ᾱ_t and ᾱ_{t-1} (1 past the last step)
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
-
-        # 3. σ_t·z is added on every step but the last (t = 0)
-        noise = None
-        if t > 0:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=model_output.dtype)
-
-        prev_sample, pred_original_sample = ops.ddpm_step(
-            model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise,
-            predicted_variance=predicted_variance, prediction_type=self.config.prediction_type,
-            variance_type=self.variance_type, uncond_model_output=uncond_model_output,
-            guidance_scale=guidance_scale, **self._x0_limits())
+        prev_sample, pred_original_sample = fused_ddpm_step(self, model_output, t, prev_t, sample, generator,
+                                                            uncond_model_output, guidance_scale)
         if not return_dict:
             return prev_sample, pred_original_sample
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
+def fused_ddpm_step(scheduler, model_output, t: int, prev_t: int, sample, generator=None, uncond_model_output=None,
+                    guidance_scale: float = 1.0):
+    """The DDPM step on the fused op, for fastdiff's ``DDPMScheduler`` and for diffusers' (the drop-in
+    ``fastdiff.compat.diffusers.FastDDPMScheduler``): both have ``config``, ``variance_type``,
+    ``alphas_cumprod`` and ``one``. ``prev_t`` is -1 past the last step. Returns (x_{t-1}, x̂0)."""
+    # 1. split a learned variance off the model output
+    predicted_variance = None
+    learned = scheduler.variance_type in ("learned", "learned_range")
+    if learned and model_output.shape[1] == sample.shape[1] * 2:
+        model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
+        if uncond_model_output is not None:
+            uncond_model_output = torch.split(uncond_model_output, sample.shape[1], dim=1)[0]
+
+    # 2. ᾱ_t and ᾱ_{t-1} (1 past the last step)
+    alpha_prod_t = scheduler.alphas_cumprod[t]
+    alpha_prod_t_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.one
+
+    # 3. σ_t·z is added on every step but the last (t = 0), z drawn as diffusers draws it
+    noise = None
+    if t > 0:
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype)
+
+    return ops.ddpm_step(
+        model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise,
+        predicted_variance=predicted_variance, prediction_type=scheduler.config.prediction_type,
+        variance_type=scheduler.variance_type, uncond_model_output=uncond_model_output,
+        guidance_scale=guidance_scale, **x0_limits(scheduler.config))

@@ -113,11 +113,13 @@ class SchedulerBase(ConfigMixin):
             raise ValueError(f"timestep must be < num_train_timesteps={self.config.num_train_timesteps}, got {timestep}")
         return int(timestep)
 
-    def _x0_limits(self) -> dict:
-        """The clip/threshold keywords of the fused step, from the config."""
-        cfg = self.config
-        return {
-            "clip_sample_range": cfg.clip_sample_range if cfg.clip_sample else None,
-            "dynamic_thresholding_ratio": cfg.dynamic_thresholding_ratio if cfg.thresholding else None,
-            "sample_max_value": cfg.sample_max_value,
-        }
+
+
+def x0_limits(config) -> dict:
+    """The clip/threshold keywords of the fused steps from a scheduler config (fastdiff's or
+    diffusers'): thresholding wins over clipping, as in diffusers."""
+    return {
+        "clip_sample_range": config.clip_sample_range if config.clip_sample else None,
+        "dynamic_thresholding_ratio": config.dynamic_thresholding_ratio if config.thresholding else None,
+        "sample_max_value": config.sample_max_value,
+    }

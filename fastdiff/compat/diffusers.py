@@ -47,12 +47,13 @@ try:
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
     from diffusers.utils import deprecate
-    from diffusers.utils.torch_utils import randn_tensor
 except ImportError as error:  # diffusers is an optional extra
     raise ImportError("fastdiff.compat.diffusers needs diffusers (tested with 0.42): pip install diffusers") from error
 
 from .. import ops
 from ..backend import resolve
+from ..scheduling_ddim import fused_ddim_step
+from ..scheduling_ddpm import fused_ddpm_step
 
 __all__ = ["FastAttnProcessor", "FastDDIMScheduler", "FastDDPMScheduler", "accelerate"]
 
@@ -66,16 +67,6 @@ def _kernel_inputs(*tensors: torch.Tensor) -> bool:
         return False
     first = tensors[0]
     return first.dtype in KERNEL_DTYPES and all(x.dtype == first.dtype and x.device == first.device for x in tensors)
-
-
-def _x0_limits(config) -> dict:
-    """The clip/threshold keywords of the fused steps, from a diffusers scheduler config
-    (thresholding wins over clipping, as in diffusers)."""
-    return {
-        "clip_sample_range": config.clip_sample_range if config.clip_sample else None,
-        "dynamic_thresholding_ratio": config.dynamic_thresholding_ratio if config.thresholding else None,
-        "sample_max_value": config.sample_max_value,
-    }
 
 
 # ----------------------------------------------------------------------------- schedulers
@@ -126,28 +117,8 @@ class FastDDPMScheduler(_FusedNoising, DDPMScheduler):
         """x_t -> x_{t-1} (Ho et al. 2020, eqs. 7 and 15); diffusers' ``DDPMScheduler.step``."""
         if not self._fusable(model_output, sample):
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        t = timestep
-        prev_t = self.previous_timestep(t)  # diffusers': t − 1 before set_timesteps
-
-        # 1. a learned variance is the second half of the model output's channels
-        predicted_variance = None
-        if model_output.shape[1] == sample.shape[1] * 2 and self.variance_type in ("learned", "learned_range"):
-            model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
-
-        # 2. ᾱ_t and ᾱ_{t-1} (1 past the last step)
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
-
-        # 3. z, drawn where and as diffusers draws it: every step but t = 0
-        noise = None
-        if t > 0:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=model_output.dtype)
-
-        prev_sample, pred_original_sample = ops.ddpm_step(
-            model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, predicted_variance=predicted_variance,
-            prediction_type=self.config.prediction_type, variance_type=self.variance_type,
-            **_x0_limits(self.config))
+        prev_t = self.previous_timestep(timestep)  # diffusers': t − 1 before set_timesteps
+        prev_sample, pred_original_sample = fused_ddpm_step(self, model_output, timestep, prev_t, sample, generator)
         if not return_dict:
             return prev_sample, pred_original_sample
         return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
@@ -169,25 +140,8 @@ class FastDDIMScheduler(_FusedNoising, DDIMScheduler):
                                 use_clipped_model_output=use_clipped_model_output, generator=generator,
                                 variance_noise=variance_noise, return_dict=return_dict)
 
-        # 1. the previous timestep is t − T // n whatever the spacing (diffusers' rule)
-        prev_timestep = timestep - self.config.num_train_timesteps // self.num_inference_steps
-        alpha_prod_t = self.alphas_cumprod[timestep]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-
-        # 2. z for σ_t·z: given, or drawn as diffusers draws it, only when η > 0
-        noise = None
-        if eta > 0:
-            if variance_noise is not None and generator is not None:
-                raise ValueError("pass either generator or variance_noise to step, not both")
-            noise = variance_noise
-            if noise is None:
-                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                     dtype=model_output.dtype)
-
-        prev_sample, pred_original_sample = ops.ddim_step(
-            model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
-            prediction_type=self.config.prediction_type, use_clipped_model_output=bool(use_clipped_model_output),
-            **_x0_limits(self.config))
+        prev_sample, pred_original_sample = fused_ddim_step(
+            self, model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise)
         if not return_dict:
             return prev_sample, pred_original_sample
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
