@@ -6,9 +6,8 @@ images left on the device. Every provider runs the same architecture with the sa
 * fastdiff: ``fastdiff.DiffusionPipeline`` on the triton backend (fused GroupNorm+SiLU, flash
   attention, fused DDIM step);
 * reference: the same pipeline on the torch backend;
-* torch_peer: the same, with the U-Net ``torch.compile``d. Its ``fastdiff.ops`` calls are pointed
-  at ``fastdiff.reference`` for the case: the dispatch reads a ContextVar, which dynamo cannot
-  trace, and would split the graph at every norm and attention;
+* torch_peer: the same, with the U-Net ``torch.compile``d (under compilation ``fastdiff.ops``
+  traces the reference, so the U-Net is one graph for Inductor to fuse);
 * diffusers: stock ``DDIMPipeline`` on ``UNet2DModel(**config.to_diffusers())`` with our weights
   and SDPA attention (``AttnProcessor2_0``);
 * diffusers_compile: the same with the U-Net ``torch.compile``d;
@@ -97,11 +96,10 @@ def _accelerate():
         pytest.skip(f"diffusers_fastdiff: fastdiff.compat.diffusers.accelerate is not available ({err})")
 
 
-def make_sampler(provider, unet, batch, steps, monkeypatch):
+def make_sampler(provider, unet, batch, steps):
     if provider in ("fastdiff", "reference"):
         return fastdiff_sampler(unet, batch, steps, "triton" if provider == "fastdiff" else "torch")
     if provider == "torch_peer":
-        monkeypatch.setattr(importlib.import_module("fastdiff.unet"), "ops", fastdiff.reference)  # see the docstring
         harness.reset_compile()
         unet.compile(dynamic=False)
         return fastdiff_sampler(unet, batch, steps, "torch")
@@ -132,13 +130,13 @@ def reference_images(case, device, steps) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_end_to_end(bench, env, case, provider, monkeypatch):
+def test_end_to_end(bench, env, case, provider):
     bench.skip_unless_runnable(provider, compiled=provider in COMPILED)
     if provider in COMPILED and not env.on_gpu:
         pytest.skip(f"{provider}: compiling a U-Net takes minutes on a CPU; GPU only")
     preset, batch, steps = case.dims["preset"], case.dims["B"], STEPS[env.tier]
     unet = build_unet(preset, env.device, case.torch_dtype)
-    fn = make_sampler(provider, unet, batch, steps, monkeypatch)
+    fn = make_sampler(provider, unet, batch, steps)
     cost = costs.sampling(costs.unet_flops_per_image(preset), batch, steps)
     # The error against the reference is recorded, not judged: 50 steps compound rounding differences
     # (TF32 convolutions, bf16) in ways no fixed tolerance separates from a bug; the op cases judge.

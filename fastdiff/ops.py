@@ -7,7 +7,8 @@ signature) as ``fastdiff.backend.resolve`` decides; ``kernel_ops()`` lists the o
 No kernel has a backward pass: whenever autograd has to record an op (an input requires grad and
 grad mode is on, i.e. training), the reference runs, on every backend. Input a kernel cannot take
 (float64, a head dim over 256, ...) runs the reference under 'auto' and raises a ``ValueError``
-(``fastdiff.kernels.Unsupported``) saying why under an explicit 'triton'.
+(``fastdiff.kernels.Unsupported``) saying why under an explicit 'triton'. Inside ``torch.compile``
+the reference is what gets compiled, so a compiled U-Net is one graph.
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ def _run(name: str, tensor: torch.Tensor, *args, **kwargs):
     The kernels have no backward: when autograd has to record the op (training), the reference
     runs on every backend. Input a kernel cannot take (``kernels.Unsupported``: a dtype, a size)
     runs the reference under 'auto' and is an error under an explicit 'triton'.
+
+    Under ``torch.compile`` the reference is traced (Inductor fuses it into its own kernels): the
+    backend switch reads a ContextVar, which dynamo cannot trace, and would break the graph at
+    every op.
     """
+    if torch.compiler.is_compiling():
+        return getattr(reference, name)(*args, **kwargs)
     if resolve(tensor) == "triton" and not _needs_autograd(args + tuple(kwargs.values())):
         explicit = get_backend() == "triton"
         kernel = _kernel(name, strict=explicit)
