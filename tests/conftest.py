@@ -30,6 +30,31 @@ def kernel_device() -> str:
     return KERNEL_DEVICE
 
 
+def make_tiny_pipeline(device: str = "cpu"):
+    """The tests' tiny model: an 8×8, 1-channel, 3-class U-Net (channels 8/16, attention at 4×4 and
+    in the middle, seed 0) with DDIM over T = 50 and guidance 2.0. Every kernel path in a few ms."""
+    from fastdiff import DDIMScheduler, DiffusionPipeline, UNet2D
+
+    torch.manual_seed(0)
+    unet = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                  attention_resolutions=(4,), norm_num_groups=4, dropout=0.0, num_classes=3)
+    return DiffusionPipeline(unet.to(device).eval(), DDIMScheduler(num_train_timesteps=50), guidance_scale=2.0)
+
+
+@pytest.fixture
+def tiny_pipeline():
+    """``make_tiny_pipeline``: call it (optionally with a device) for a fresh pipeline."""
+    return make_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny pipeline saved to a folder (read-only for the tests)."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    make_tiny_pipeline().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def launches(monkeypatch) -> dict[str, int]:
     """op name -> how many times its Triton launcher ran in this test (so a green kernel test cannot

@@ -4,9 +4,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from fastdiff import DDIMScheduler, DiffusionPipeline, UNet2D
 from fastdiff.cli import main
 
 COMMANDS = ["sample", "train", "quality", "compare", "bench", "info"]
@@ -28,16 +26,6 @@ def test_info_lists_versions_and_backends(capsys):
     out = capsys.readouterr().out
     for word in ("fastdiff", "torch", "triton", "backend", "usable"):
         assert word in out
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    unet = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                  attention_resolutions=(4,), norm_num_groups=4, dropout=0.0, num_classes=3)
-    path = tmp_path_factory.mktemp("model")
-    DiffusionPipeline(unet, DDIMScheduler(num_train_timesteps=50), guidance_scale=2.0).save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("extra", [[], ["--scheduler", "ddpm"], ["--eta", "1", "--class", "2", "--batch", "3"],

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import fastdiff
-from fastdiff import DDIMScheduler, DiffusionPipeline, UNet2D, backend
+from fastdiff import backend
 from fastdiff.compare import (ComparisonResult, ErrorStats, StepError, _verdict, add_arguments, compare,
                               error_stats, format_table, prepare_interpreter, run, table_rows)
 
@@ -27,22 +27,8 @@ needs_fast_path = pytest.mark.skipif(
     not (backend.triton_available() and (torch.cuda.is_available() or backend.interpreter_enabled())),
     reason="the triton backend needs triton, and CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SIZE = 8  # the tiny model's sample_size
+SIZE = 8  # the tiny model's sample_size (tests/conftest.py)
 PERTURBATION = 1e-2
-
-
-def tiny_pipe() -> DiffusionPipeline:
-    torch.manual_seed(0)
-    unet = UNet2D(sample_size=SIZE, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                  attention_resolutions=(4,), norm_num_groups=4, dropout=0.0, num_classes=3)
-    return DiffusionPipeline(unet.to(DEVICE).eval(), DDIMScheduler(num_train_timesteps=50), guidance_scale=2.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    tiny_pipe().save_pretrained(path)
-    return path
 
 
 def cli(*argv: str) -> int:
@@ -103,8 +89,8 @@ def test_nan_is_the_worst_step_fails_the_tolerance_and_survives_strict_json(caps
 
 # ----------------------------------------------------------------------------- sampling both paths
 @needs_fast_path
-def test_fp32_paths_agree_and_the_fast_one_runs_the_kernels(launches):
-    pipe = tiny_pipe()
+def test_fp32_paths_agree_and_the_fast_one_runs_the_kernels(launches, tiny_pipeline):
+    pipe = tiny_pipeline(DEVICE)
     result = compare(pipe, num_inference_steps=2, batch_size=1, seed=3, class_labels=[2], guidance_scale=2.0,
                      eta=0.5, scheduler="ddim", repeats=0)  # guided: the U-Net sees a batch of 2
     # one fast run, one ddim_step launch per step: the reference run launched no kernel
@@ -186,10 +172,10 @@ def test_fastdiff_compare_command(tiny_model, capsys):
     (dict(seed="0"), TypeError, "seed"),
     (dict(num_inference_steps=2.0), TypeError, "num_inference_steps"),
 ])
-def test_bad_arguments_are_named(kwargs, error, message):
+def test_bad_arguments_are_named(kwargs, error, message, tiny_pipeline):
     args = dict(num_inference_steps=1, batch_size=1, repeats=0) | kwargs
     with pytest.raises(error, match=message):
-        compare(tiny_pipe(), **args)
+        compare(tiny_pipeline(DEVICE), **args)
 
 
 def test_pipe_must_be_a_pipeline():
@@ -198,17 +184,17 @@ def test_pipe_must_be_a_pipeline():
 
 
 @needs_fast_path
-def test_bad_class_label_fails_before_sampling():
+def test_bad_class_label_fails_before_sampling(tiny_pipeline):
     with pytest.raises(ValueError, match="class_labels"):
-        compare(tiny_pipe(), num_inference_steps=1, class_labels=[7], repeats=0)
+        compare(tiny_pipeline(DEVICE), num_inference_steps=1, class_labels=[7], repeats=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or not backend.triton_available(),
                     reason="the case of a CPU, with triton installed but without the interpreter")
-def test_cpu_without_the_interpreter_says_how_to_run(monkeypatch):
+def test_cpu_without_the_interpreter_says_how_to_run(monkeypatch, tiny_pipeline):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        compare(tiny_pipe(), num_inference_steps=1)
+        compare(tiny_pipeline(DEVICE), num_inference_steps=1)
 
 
 def test_cli_bad_flags(capsys):
@@ -229,8 +215,8 @@ def test_prepare_interpreter(monkeypatch):
     assert prepare_interpreter("cpu") is True and backend.interpreter_enabled()
 
 
-def test_pipeline_callback_sees_every_step_and_changes_nothing():
-    pipe, seen = tiny_pipe(), []
+def test_pipeline_callback_sees_every_step_and_changes_nothing(tiny_pipeline):
+    pipe, seen = tiny_pipeline(DEVICE), []
     with fastdiff.use_backend("torch"):
         plain = pipe(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0), progress=False)
         hooked = pipe(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0), progress=False,

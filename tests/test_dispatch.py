@@ -97,13 +97,9 @@ def test_reference_and_ops_share_signatures():
         assert inspect.signature(launcher) == inspect.signature(getattr(reference, name)), name
 
 
-def test_compiled_unet_is_one_graph_on_the_reference():
+def test_compiled_unet_is_one_graph_on_the_reference(tiny_pipeline):
     """torch.compile traces the reference (the backend switch would break the graph at every op)."""
-    from fastdiff import UNet2D
-
-    torch.manual_seed(0)
-    unet = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                  attention_resolutions=(4,), norm_num_groups=4, dropout=0.0).eval()
+    unet = tiny_pipeline().unet
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
     torch._dynamo.reset()
     compiled = torch.compile(unet, backend="eager", fullgraph=True)  # fullgraph: a graph break is an error

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import DDIMScheduler, DiffusionPipeline, UNet2D, load_pretrained
+from fastdiff import load_pretrained
 from fastdiff.cli import main
 from fastdiff.io import load_tensors
 from fastdiff.sample_many import image_generator, sample_many
@@ -42,16 +42,6 @@ def torchrun(*args):
     result = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args])
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    unet = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                  attention_resolutions=(4,), norm_num_groups=4, dropout=0.0, num_classes=3)
-    path = tmp_path_factory.mktemp("model")
-    DiffusionPipeline(unet, DDIMScheduler(num_train_timesteps=50), guidance_scale=2.0).save_pretrained(path)
-    return path
 
 
 def sample_args(model, outdir, *extra):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2D, backend
+from fastdiff import DDIMScheduler, DDPMScheduler, DiffusionPipeline, backend
 from fastdiff.cli import main
 from fastdiff.training import TrainConfig, train
 
@@ -24,18 +24,12 @@ pytestmark = [
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def tiny_unet() -> UNet2D:
-    torch.manual_seed(0)
-    return UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                  attention_resolutions=(4,), norm_num_groups=4, dropout=0.0, num_classes=3).to(DEVICE).eval()
-
-
 @pytest.mark.parametrize("scheduler, kwargs", [
     (DDIMScheduler(num_train_timesteps=50), dict(eta=0.5)),
     (DDPMScheduler(num_train_timesteps=50, variance_type="fixed_small"), {}),
 ], ids=["ddim-eta0.5", "ddpm"])
-def test_guided_sampling_matches_the_reference(scheduler, kwargs, launches):
-    pipe = DiffusionPipeline(tiny_unet(), scheduler, guidance_scale=2.0)
+def test_guided_sampling_matches_the_reference(scheduler, kwargs, launches, tiny_pipeline):
+    pipe = DiffusionPipeline(tiny_pipeline(DEVICE).unet, scheduler, guidance_scale=2.0)
     images = {}
     for name in ("torch", "triton"):
         with fastdiff.use_backend(name):
@@ -46,8 +40,8 @@ def test_guided_sampling_matches_the_reference(scheduler, kwargs, launches):
     torch.testing.assert_close(images["triton"], images["torch"], rtol=1e-4, atol=1e-4)
 
 
-def test_sdedit_noises_through_the_kernel(launches):
-    pipe = DiffusionPipeline(tiny_unet(), DDIMScheduler(num_train_timesteps=50))
+def test_sdedit_noises_through_the_kernel(launches, tiny_pipeline):
+    pipe = DiffusionPipeline(tiny_pipeline(DEVICE).unet, DDIMScheduler(num_train_timesteps=50))
     reference_image = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1))
     images = {}
     for name in ("torch", "triton"):
@@ -72,11 +66,9 @@ def test_training_steps_match_the_reference(tmp_path, launches):
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5)
 
 
-def test_cli_samples_and_trains_with_backend_triton(tmp_path, launches, capsys):
-    pipe = DiffusionPipeline(tiny_unet().cpu(), DDIMScheduler(num_train_timesteps=50), guidance_scale=2.0)
-    pipe.save_pretrained(tmp_path / "model")
+def test_cli_samples_and_trains_with_backend_triton(tmp_path, launches, capsys, tiny_model):
     out = tmp_path / "grid.png"
-    assert main(["sample", "--model", str(tmp_path / "model"), "--out", str(out), "--steps", "2", "--batch", "2",
+    assert main(["sample", "--model", str(tiny_model), "--out", str(out), "--steps", "2", "--batch", "2",
                  "--no-progress", "--backend", "triton", "--device", DEVICE]) == 0
     assert out.stat().st_size > 0 and launches["ddim_step"] == 2 and launches["attention"] > 0
     assert main(["train", "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",
