@@ -5,6 +5,9 @@ images left on the device. Every provider runs the same architecture with the sa
 
 * fastdiff: ``fastdiff.DiffusionPipeline`` on the triton backend (fused GroupNorm+SiLU, flash
   attention, fused DDIM step);
+* fastdiff_graph: the same with ``cuda_graph=True`` (GPU only): one pipeline serves every call,
+  so the untimed first call captures the step's CUDA graph and every timed call replays it, one
+  launch per step instead of the U-Net's hundreds;
 * reference: the same pipeline on the torch backend;
 * torch_peer: the same, with the U-Net ``torch.compile``d (under compilation ``fastdiff.ops``
   traces the reference, so the U-Net is one graph for Inductor to fuse);
@@ -17,7 +20,9 @@ images left on the device. Every provider runs the same architecture with the sa
 FLOPs: the U-Net's forward counted once (costs.unet_flops_per_image: ~12.4 GFLOP per image) ×
 B × steps; compute bound, judged against the matmul rate of the precision (fp32: TF32, which
 cuDNN uses for fp32 convolutions by default). η = 0, so no noise is drawn inside the loop. On a
-CPU: the digits U-Net (1.1M parameters) at B = 1, 2 steps, fp32, the eager providers only.
+CPU: the digits U-Net (1.1M parameters) at B = 1, 2 steps, fp32, the eager providers only
+(fastdiff_graph is skipped: CUDA graphs need a CUDA GPU). How much of a graphed step is not the
+U-Net: bench_step_overhead.py.
 """
 
 import importlib
@@ -31,8 +36,10 @@ import fastdiff
 
 OP = "end_to_end"
 STEPS = {"full": 50, "quick": 10, "cpu": 2}
-PROVIDERS = ["fastdiff", "reference", "torch_peer", "diffusers", "diffusers_compile", "diffusers_fastdiff"]
+PROVIDERS = ["fastdiff", "fastdiff_graph", "reference", "torch_peer", "diffusers", "diffusers_compile",
+             "diffusers_fastdiff"]
 COMPILED = ("torch_peer", "diffusers_compile")
+GRAPH_SKIP = "cuda_graph=True needs a CUDA GPU (there are no CUDA graphs on a CPU)"
 
 # GPU: the CIFAR-10 U-Net. CPU: the digits architecture (1.1M parameters, 16x16, unconditional
 # here because DDIMPipeline passes no labels), where a sampling call takes milliseconds, not seconds.
@@ -51,12 +58,14 @@ def build_unet(preset, device, dtype) -> fastdiff.UNet2D:
     return fastdiff.UNet2D.from_preset(preset, num_classes=None).eval().to(device=device, dtype=dtype)
 
 
-def fastdiff_sampler(unet, batch, steps, backend):
+def fastdiff_sampler(unet, batch, steps, backend, cuda_graph=False):
+    """One pipeline for every call: with ``cuda_graph`` the first call captures the step's graph
+    (``pipe._graphed``) and the later calls, same batch and steps, replay it."""
     pipe = fastdiff.DiffusionPipeline(unet, fastdiff.DDIMScheduler())
 
     def sample():
         with fastdiff.use_backend(backend):
-            return pipe(batch_size=batch, num_inference_steps=steps, progress=False).images
+            return pipe(batch_size=batch, num_inference_steps=steps, progress=False, cuda_graph=cuda_graph).images
 
     return sample
 
@@ -97,8 +106,9 @@ def _accelerate():
 
 
 def make_sampler(provider, unet, batch, steps):
-    if provider in ("fastdiff", "reference"):
-        return fastdiff_sampler(unet, batch, steps, "triton" if provider == "fastdiff" else "torch")
+    if provider in ("fastdiff", "fastdiff_graph", "reference"):
+        return fastdiff_sampler(unet, batch, steps, "torch" if provider == "reference" else "triton",
+                                cuda_graph=provider == "fastdiff_graph")
     if provider == "torch_peer":
         harness.reset_compile()
         unet.compile(dynamic=False)
@@ -134,6 +144,8 @@ def test_end_to_end(bench, env, case, provider):
     bench.skip_unless_runnable(provider, compiled=provider in COMPILED)
     if provider in COMPILED and not env.on_gpu:
         pytest.skip(f"{provider}: compiling a U-Net takes minutes on a CPU; GPU only")
+    if provider == "fastdiff_graph" and not env.on_gpu:
+        pytest.skip(f"{provider}: {GRAPH_SKIP}")
     preset, batch, steps = case.dims["preset"], case.dims["B"], STEPS[env.tier]
     unet = build_unet(preset, env.device, case.torch_dtype)
     fn = make_sampler(provider, unet, batch, steps)

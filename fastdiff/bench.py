@@ -13,9 +13,14 @@ Reading the tables:
   same run: the device copy bandwidth for a memory-bound case, the matmul rate of its precision for
   a compute-bound one (attention at scale, the U-Net).
 
+``step_overhead`` has its own table (``overhead_table``): per DDIM step, a sampling run with
+``cuda_graph=True`` against the U-Net's own graph replayed as many times, and the share of the step
+that is not the U-Net (the goal: under 2%).
+
 Without a CUDA GPU the suite runs its CPU cases only: small shapes, fp32, the reference against
-PyTorch's own ops and torch.compile. The Triton provider is skipped there: under Triton's CPU
-interpreter its timings would mean nothing.
+PyTorch's own ops and torch.compile. The Triton provider is skipped there (under Triton's CPU
+interpreter its timings would mean nothing), and so is everything that needs CUDA graphs: the
+fastdiff_graph provider and the ops in GPU_ONLY_OPS.
 """
 
 from __future__ import annotations
@@ -28,10 +33,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-OPS = ("q_sample", "ddim_step", "ddpm_step", "attention", "group_norm", "end_to_end")
-PROVIDERS = ("fastdiff", "reference", "torch_peer", "diffusers", "diffusers_compile", "diffusers_fastdiff")
+OPS = ("q_sample", "ddim_step", "ddpm_step", "attention", "group_norm", "end_to_end", "step_overhead")
+GPU_ONLY_OPS = ("step_overhead",)  # CUDA graphs: their CPU case is skipped, so a CPU run has no record
+PROVIDERS = ("fastdiff", "fastdiff_graph", "reference", "torch_peer", "diffusers", "diffusers_compile",
+             "diffusers_fastdiff")
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks"  # in a checkout: <repo>/benchmarks
 PYTEST_NO_TESTS = 5  # pytest's exit code when nothing was collected
+OVERHEAD_NOTE = ("Per DDIM step: a sampling run with `cuda_graph=True`, and the U-Net alone in its own CUDA graph "
+                 "replayed as many times; % overhead = (step − U-Net) / step, everything a step does besides the "
+                 "U-Net (goal: under 2%).")
 
 
 # ----------------------------------------------------------------------------- results
@@ -117,6 +127,14 @@ def op_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def overhead_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """step_overhead: per step, the graphed sampling run and the U-Net's own graph, and the overhead."""
+    header = ["shape", "dtype", "ms per step", "ms U-Net per step", "% overhead"]
+    rows = [[f"{r['shape']} {r['sampler']}", r["dtype"], _ms(r["step_ms"]), _ms(r["unet_ms_per_step"]),
+             f"{r['pct_overhead']:.2f}%"] for r in records]
+    return header, rows
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     align = ["---", "---"] + ["---:"] * (len(header) - 2)  # names left, numbers right
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
@@ -128,7 +146,10 @@ def tables(results: Results) -> str:
     parts = []
     for op in results.ops():
         records = [r for r in results.records if r["op"] == op]
-        parts.append(f"### {op}\n\n{markdown_table(*op_table(records))}")
+        if op == "step_overhead":
+            parts.append(f"### {op}\n\n{OVERHEAD_NOTE}\n\n{markdown_table(*overhead_table(records))}")
+        else:
+            parts.append(f"### {op}\n\n{markdown_table(*op_table(records))}")
     return "\n\n".join(parts)
 
 
@@ -206,6 +227,8 @@ def report_markdown(results: Results, plot_name: str) -> str:
               "(attention 4·B·H·Nq·Nk·D; the U-Net counted by torch's FLOP counter).",
               "- The JSON next to this file has every number, the NVML telemetry of each case and "
               "pytest-benchmark's own host-clock rounds. Reproduce: `fastdiff bench` (`--quick`, `--ops ...`).", ""]
+    if "step_overhead" in results.ops():
+        lines.insert(-2, f"- step_overhead (`benchmarks/bench_step_overhead.py`). {OVERHEAD_NOTE}")
     return "\n".join(lines)
 
 
@@ -361,7 +384,8 @@ def run_suite(args: argparse.Namespace) -> tuple[Path, int]:
     if not on_gpu:
         print("fastdiff bench: no CUDA GPU. Running the CPU cases only (small shapes, fp32: the reference "
               "against PyTorch's own ops and torch.compile); the fastdiff (Triton) provider is skipped, since "
-              "its timings under Triton's CPU interpreter would mean nothing.", flush=True)
+              "its timings under Triton's CPU interpreter would mean nothing; so is what needs CUDA graphs "
+              f"(the fastdiff_graph provider, {', '.join(GPU_ONLY_OPS)}).", flush=True)
     print(f"fastdiff bench: {', '.join(ops)} on {device}{' (quick)' if args.quick and on_gpu else ''} -> {json_path}",
           flush=True)
     code = pytest.main(pytest_arguments(suite, ops, json_path, args.quick, args.no_compile))

@@ -29,6 +29,9 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu; "
                         "under torchrun, cuda means each process's own cuda:LOCAL_RANK)")
     parser.add_argument("--scale", type=int, default=None, help="upscale factor of the PNG (default: to ~64 px per image)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay each denoising step from a CUDA graph: one launch per step instead of the "
+                             "U-Net's hundreds, the same images (CUDA devices only)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     many = parser.add_argument_group(
         "evaluation sets (one PNG per image; split over processes under torchrun; a rerun resumes)")
@@ -55,12 +58,22 @@ def _load_sampler(args: argparse.Namespace, device):
     return pipe, steps
 
 
+def _check_cuda_graph(args: argparse.Namespace, device) -> None:
+    """--cuda-graph needs a CUDA device: say so before the model loads."""
+    import torch
+
+    if args.cuda_graph and torch.device(device).type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device (CUDA graphs); the device is {device}. "
+                         "Drop --cuda-graph, or sample on a GPU (--device cuda)")
+
+
 def _sample(args: argparse.Namespace) -> int:
     if args.outdir is not None or args.num_images is not None:
         return _sample_many(args)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_cuda_graph(args, device)
     pipe, steps = _load_sampler(args, device)
     num_classes = pipe.unet.num_classes
     classes = args.classes if args.classes is not None else (list(range(num_classes)) if num_classes else None)
@@ -71,7 +84,8 @@ def _sample(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     out = pipe(batch_size=batch, num_inference_steps=steps, generator=generator, class_labels=labels,
-               guidance_scale=args.guidance, eta=args.eta, progress=not args.no_progress)
+               guidance_scale=args.guidance, eta=args.eta, progress=not args.no_progress,
+               cuda_graph=args.cuda_graph)
     seconds = time.perf_counter() - start
     scale = args.scale or max(1, 64 // pipe.unet.config.sample_size)
     path = out.save_grid(args.out or "samples.png", nrow=nrow, scale=scale)
@@ -90,12 +104,13 @@ def _sample_many(args: argparse.Namespace) -> int:
         if value is not None:
             raise ValueError(f"{flag} applies to the grid; with --outdir use --num-images and --batch-size")
     device = distributed.default_device(args.device)
+    _check_cuda_graph(args, device)
     distributed.init_from_env(device)
     pipe, steps = _load_sampler(args, device)
     start = time.perf_counter()
     result = sample_many(pipe, args.num_images, args.outdir, seed=args.seed, batch_size=args.batch_size,
                          num_inference_steps=steps, classes=args.classes, guidance_scale=args.guidance,
-                         eta=args.eta, npz=args.npz, progress=not args.no_progress)
+                         eta=args.eta, npz=args.npz, progress=not args.no_progress, cuda_graph=args.cuda_graph)
     seconds = time.perf_counter() - start
     if distributed.is_main():
         world = distributed.world_size()

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .images import image_grid, save_image_grid
 from .io import read_json, write_json
+from .sampling_loop import SamplingLoop, check_cuda_graph, loop_key
 from .schedules import randn_tensor
 from .scheduling_ddim import DDIMScheduler
 from .scheduling_ddpm import DDPMScheduler
@@ -53,6 +53,7 @@ class DiffusionPipeline:
         if not isinstance(scheduler, tuple(SCHEDULERS.values())):
             raise TypeError(f"scheduler must be a DDIMScheduler or DDPMScheduler, got {type(scheduler).__name__}")
         self.unet, self.scheduler, self.guidance_scale = unet, scheduler, float(guidance_scale)
+        self._graphed: tuple[tuple, SamplingLoop] | None = None  # (key, loop) of the last cuda_graph=True call
 
     @property
     def device(self) -> torch.device:
@@ -81,6 +82,7 @@ class DiffusionPipeline:
         use_clipped_model_output: bool | None = None,
         progress: bool = True,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+        cuda_graph: bool = False,
     ) -> ImagePipelineOutput:
         """Generate ``batch_size`` images.
 
@@ -91,12 +93,18 @@ class DiffusionPipeline:
         step ``strength`` of the way into the schedule and denoised from there.
         callback(step_index, t, prev_sample, pred_original_sample): called after each step (e.g. by
         ``fastdiff.compare`` to record the trajectory); it must not modify the tensors.
+
+        The loop never reads back to the host (``fastdiff.sampling_loop``): schedule tables and the
+        step index live on the device. cuda_graph=True (CUDA only, no callback) replays each step
+        from a CUDA graph, captured on the first call and kept for the next call with the same
+        shapes and settings; the images are the same as without it.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
         unet, scheduler, device = self.unet, self.scheduler, self.device
+        cuda_graph = check_cuda_graph(cuda_graph, device, callback)
         labels = self._labels(class_labels, batch_size)
         guidance = self._guidance(guidance_scale, labels)
         step_kwargs = self._step_kwargs(eta, use_clipped_model_output)
@@ -115,19 +123,25 @@ class DiffusionPipeline:
 
         if guidance is not None:  # conditional and unconditional halves in one batch
             labels = torch.cat([labels, torch.full_like(labels, unet.null_class)])
-        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-            model_input = scheduler.scale_model_input(sample, t)
-            if guidance is None:
-                model_output = unet(model_input, t, labels)
-                guide = {}
-            else:
-                model_output, uncond = unet(torch.cat([model_input, model_input]), t, labels).chunk(2)
-                guide = {"uncond_model_output": uncond, "guidance_scale": guidance}
-            out = scheduler.step(model_output, t, sample, generator=generator, **step_kwargs, **guide)
-            sample = out.prev_sample
-            if callback is not None:
-                callback(i, int(t), sample, out.pred_original_sample)
+        loop = self._loop(timesteps, shape, labels, guidance, step_kwargs, cuda_graph)
+        loop.reset(sample, labels)
+        sample = loop.run(generator, cuda_graph=cuda_graph, progress=progress, callback=callback)
         return ImagePipelineOutput(images=(sample / 2 + 0.5).clamp(0, 1).float())
+
+    def _loop(self, timesteps, shape, labels, guidance, step_kwargs, cuda_graph: bool) -> SamplingLoop:
+        """A new ``SamplingLoop`` over ``timesteps``; with ``cuda_graph``, the kept one (graphs and
+        all) when it was made with these settings (``loop_key``), else a new one that replaces it."""
+        def new_loop():
+            tables = self.scheduler.step_tables(timesteps, **step_kwargs)
+            return SamplingLoop(self.unet, self.scheduler, tables, shape, labels, guidance, step_kwargs)
+
+        if not cuda_graph:
+            return new_loop()
+        key = loop_key(self.unet, self.scheduler, timesteps, shape, labels, guidance, step_kwargs)
+        if self._graphed is None or self._graphed[0] != key:
+            self._graphed = None  # free the old graphs' memory first
+            self._graphed = (key, new_loop())
+        return self._graphed[1]
 
     def _labels(self, class_labels, batch_size: int) -> torch.Tensor | None:
         if class_labels is None:

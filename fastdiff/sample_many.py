@@ -70,13 +70,14 @@ def image_generator(seed: int, index: int) -> torch.Generator:
 def sample_many(pipe, num_images: int, outdir, *, seed: int = 0, batch_size: int = 32,
                 num_inference_steps: int = 50, classes: list[int] | None = None,
                 guidance_scale: float | None = None, eta: float = 0.0, npz: bool = False,
-                progress: bool = True) -> SampleManyResult:
+                progress: bool = True, cuda_graph: bool = False) -> SampleManyResult:
     """Write images 0..num_images−1 of ``pipe`` to ``outdir`` as PNGs, this process's share of them.
 
     Under torchrun every rank calls this with the same arguments and its ``pipe`` on its own device
     (``fastdiff.distributed.default_device()``); alone, one process writes them all. ``classes``:
     the labels to cycle through for a conditional model (default: every class). Images already in
-    ``outdir`` are skipped. Returns counts summed over ranks.
+    ``outdir`` are skipped. ``cuda_graph``: replay each step from a CUDA graph (the same images;
+    a short last batch captures its own). Returns counts summed over ranks.
     """
     _check_arguments(num_images, batch_size, seed)
     distributed.init_from_env(pipe.device)
@@ -85,7 +86,7 @@ def sample_many(pipe, num_images: int, outdir, *, seed: int = 0, batch_size: int
     settings = _settings(pipe, seed, batch_size, num_inference_steps, classes, guidance_scale, eta)
     todo, skipped = _plan(outdir, num_images, batch_size, settings)
     mine = todo[distributed.rank()::distributed.world_size()]
-    call = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta)
+    call = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, cuda_graph=cuda_graph)
     written = _sample_batches(pipe, outdir, mine, num_images, batch_size, seed, classes, call, progress)
 
     distributed.barrier()  # every PNG is on disk before anyone reads them or reports

@@ -76,6 +76,18 @@ class DDIMScheduler(SchedulerBase):
             return prev_sample, pred_original_sample
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
+    # the sync-free sampling loop's hooks (see SchedulerBase.step_tables)
+    def _step_alphas(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return ddim_alphas(self, t)
+
+    def _draws_noise(self, t: int, eta: float = 0.0, use_clipped_model_output: bool | None = None) -> bool:
+        return eta > 0
+
+    def _update(self, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None, eta: float = 0.0,
+                use_clipped_model_output: bool | None = None, *, uncond_model_output=None, guidance_scale=1.0):
+        return ddim_update(self, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta,
+                           use_clipped_model_output, uncond_model_output, guidance_scale)
+
 
 def fused_ddim_step(scheduler, model_output, t: int, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
                     generator=None, variance_noise=None, uncond_model_output=None, guidance_scale: float = 1.0):
@@ -84,10 +96,7 @@ def fused_ddim_step(scheduler, model_output, t: int, sample, eta: float = 0.0, u
     ``alphas_cumprod`` and ``final_alpha_cumprod``. Returns (x_{t-1}, x̂0)."""
     if eta > 0 and variance_noise is not None and generator is not None:
         raise ValueError("pass either generator or variance_noise, not both")
-    # diffusers' rule: the previous timestep is t − T // n whatever the spacing
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alpha_prod_t = scheduler.alphas_cumprod[t]
-    alpha_prod_t_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    alpha_prod_t, alpha_prod_t_prev = ddim_alphas(scheduler, t)
 
     # z for σ_t·z: given, or drawn as diffusers draws it, only when η > 0
     noise = None
@@ -96,7 +105,22 @@ def fused_ddim_step(scheduler, model_output, t: int, sample, eta: float = 0.0, u
         if noise is None:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)
+    return ddim_update(scheduler, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta,
+                       use_clipped_model_output, uncond_model_output, guidance_scale)
 
+
+def ddim_alphas(scheduler, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ᾱ_t, ᾱ_{t-1}) of the step from ``t``, 0-d float32. diffusers' rule: the previous timestep is
+    t − T // n whatever the spacing; before the first timestep ᾱ is ``final_alpha_cumprod``."""
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_prod_t_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    return scheduler.alphas_cumprod[t], alpha_prod_t_prev
+
+
+def ddim_update(scheduler, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None, eta: float = 0.0,
+                use_clipped_model_output: bool = False, uncond_model_output=None, guidance_scale: float = 1.0):
+    """x_{t-1} and x̂0 from the step's ᾱ values (0-d float32 tensors, on the CPU or on the sample's
+    device) and the noise z (None when η = 0): one ``ops.ddim_step`` with the scheduler's options."""
     return ops.ddim_step(
         model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
         prediction_type=scheduler.config.prediction_type, use_clipped_model_output=bool(use_clipped_model_output),

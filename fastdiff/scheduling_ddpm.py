@@ -101,29 +101,50 @@ class DDPMScheduler(SchedulerBase):
             return prev_sample, pred_original_sample
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
+    # the sync-free sampling loop's hooks (see SchedulerBase.step_tables)
+    def _step_alphas(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return ddpm_alphas(self, t, self.previous_timestep(t))
+
+    def _draws_noise(self, t: int) -> bool:
+        return t > 0
+
+    def _update(self, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None, *,
+                uncond_model_output=None, guidance_scale=1.0):
+        return ddpm_update(self, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, uncond_model_output,
+                           guidance_scale)
+
 
 def fused_ddpm_step(scheduler, model_output, t: int, prev_t: int, sample, generator=None, uncond_model_output=None,
                     guidance_scale: float = 1.0):
     """The DDPM step on the fused op, for fastdiff's ``DDPMScheduler`` and for diffusers' (the drop-in
     ``fastdiff.compat.diffusers.FastDDPMScheduler``): both have ``config``, ``variance_type``,
     ``alphas_cumprod`` and ``one``. ``prev_t`` is -1 past the last step. Returns (x_{t-1}, x̂0)."""
-    # 1. split a learned variance off the model output
+    alpha_prod_t, alpha_prod_t_prev = ddpm_alphas(scheduler, t, prev_t)
+
+    # σ_t·z is added on every step but the last (t = 0), z drawn as diffusers draws it (the sample's shape)
+    noise = None
+    if t > 0:
+        noise = randn_tensor(sample.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+    return ddpm_update(scheduler, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, uncond_model_output,
+                       guidance_scale)
+
+
+def ddpm_alphas(scheduler, t: int, prev_t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ᾱ_t, ᾱ_{t-1}) of the step from ``t`` to ``prev_t``, 0-d float32; ᾱ is 1 past the last step."""
+    return scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.one
+
+
+def ddpm_update(scheduler, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None,
+                uncond_model_output=None, guidance_scale: float = 1.0):
+    """x_{t-1} and x̂0 from the step's ᾱ values (0-d float32 tensors, on the CPU or on the sample's
+    device) and the noise z (None on the last step): one ``ops.ddpm_step`` with the scheduler's options."""
+    # a learned variance is the second half of the model output's channels
     predicted_variance = None
     learned = scheduler.variance_type in ("learned", "learned_range")
     if learned and model_output.shape[1] == sample.shape[1] * 2:
         model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
         if uncond_model_output is not None:
             uncond_model_output = torch.split(uncond_model_output, sample.shape[1], dim=1)[0]
-
-    # 2. ᾱ_t and ᾱ_{t-1} (1 past the last step)
-    alpha_prod_t = scheduler.alphas_cumprod[t]
-    alpha_prod_t_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.one
-
-    # 3. σ_t·z is added on every step but the last (t = 0), z drawn as diffusers draws it
-    noise = None
-    if t > 0:
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                             dtype=model_output.dtype)
 
     return ops.ddpm_step(
         model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise,

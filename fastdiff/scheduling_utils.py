@@ -28,6 +28,24 @@ class SchedulerOutput:
         return self.to_tuple()[index]
 
 
+@dataclass
+class StepTables:
+    """What the sync-free sampling loop (``fastdiff.sampling_loop``) reads at step i, built once
+    before the loop: on the device, the timesteps and the ᾱ pair of every step; on the host, which
+    steps draw noise (it decides which launches a step makes, so it cannot live on the device)."""
+
+    timesteps: torch.Tensor  # (n,) int64: t of step i
+    alphas: torch.Tensor  # (n, 2) float32: ᾱ_t and ᾱ_{t-1} of step i
+    noisy: tuple[bool, ...]  # step i adds σ_t·z
+    host_timesteps: tuple[int, ...]  # the timesteps again, for callbacks
+
+    def __len__(self) -> int:
+        return len(self.host_timesteps)
+
+    def to(self, device) -> StepTables:
+        return StepTables(self.timesteps.to(device), self.alphas.to(device), self.noisy, self.host_timesteps)
+
+
 def check_option(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
@@ -92,6 +110,20 @@ class SchedulerBase(ConfigMixin):
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
         """The v-prediction target v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022)."""
         return ops.q_sample(sample, noise, timesteps, self.alphas_cumprod, target="v_prediction")[1]
+
+    # --------------------------------------------------------------------- the sync-free loop
+    def step_tables(self, timesteps, **step_kwargs) -> StepTables:
+        """The ``StepTables`` (on the CPU) of a loop over ``timesteps`` (a subset of
+        ``self.timesteps`` in order, e.g. SDEdit's tail) with ``step``'s keyword options: the same
+        ᾱ values ``step`` would use, so that the loop reproduces ``step`` exactly."""
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}.step_tables called before set_timesteps(num_inference_steps)")
+        host = tuple(int(t) for t in timesteps)
+        if not host:
+            raise ValueError("timesteps must not be empty")
+        alphas = torch.stack([torch.stack(self._step_alphas(t)) for t in host])
+        noisy = tuple(bool(self._draws_noise(t, **step_kwargs)) for t in host)
+        return StepTables(torch.tensor(host, dtype=torch.int64), alphas, noisy, host)
 
     # --------------------------------------------------------------------- step helpers
     def _check_step(self, model_output, timestep, sample) -> int:

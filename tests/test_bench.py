@@ -84,9 +84,13 @@ def test_quick_run_writes_json_report_and_plot(quick_run):
     report = path.with_suffix(".md").read_text()
     assert "![speed-ups](run.png)" in report and "## Skipped" in report
     results = bench.load_results(path)
-    assert set(results.ops()) == set(bench.OPS)  # every op has a CPU case
+    assert set(results.ops()) == set(bench.OPS) - set(bench.GPU_ONLY_OPS)  # every other op has a CPU case
     assert {r["provider"] for r in results.records} == {"reference", "torch_peer", "diffusers"}
-    assert any("fastdiff: no CUDA GPU" in s["reason"] for s in results.session["skipped"])
+    reasons = [s["reason"] for s in results.session["skipped"]]
+    assert any("fastdiff: no CUDA GPU" in reason for reason in reasons)
+    for skipped in ("fastdiff_graph", *bench.GPU_ONLY_OPS):  # CUDA graphs: skipped, and the report says why
+        assert any(reason.startswith(f"{skipped}: cuda_graph=True needs a CUDA GPU") for reason in reasons)
+        assert f"{skipped}: cuda_graph=True needs a CUDA GPU" in report
 
 
 @cpu_only
@@ -94,7 +98,7 @@ def test_printed_tables_parse_and_match_the_json(quick_run):
     code, out, path = quick_run
     records = bench.load_results(path).records
     tables = parse_tables(out)
-    assert [op for op, _, _ in tables] == list(bench.OPS)
+    assert [op for op, _, _ in tables] == [op for op in bench.OPS if op not in bench.GPU_ONLY_OPS]
     for op, header, rows in tables:
         assert rows and all(len(row) == len(header) for row in rows)
         for row in rows:
@@ -202,7 +206,10 @@ def gpu_like_results(path: Path) -> Path:
                   record("ddim_step", "torch_peer", 0.75),
                   record("end_to_end", "fastdiff", 100.0, shape="ddpm-cifar10_B128", bound="compute",
                          pct_matmul_peak=41.2, matmul_ceiling="bf16"),
-                  record("end_to_end", "diffusers", 150.0, shape="ddpm-cifar10_B128")]
+                  record("end_to_end", "diffusers", 150.0, shape="ddpm-cifar10_B128"),
+                  record("end_to_end", "fastdiff_graph", 80.0, shape="ddpm-cifar10_B128"),
+                  record("step_overhead", "fastdiff_graph", 80.0, shape="ddpm-cifar10_B128", bound="compute",
+                         sampler="DDIM-50", step_ms=1.6, unet_ms_per_step=1.58, pct_overhead=1.25)]
     session = {"gpu_name": "NVIDIA H100", "cuda": "12.8", "quick": True, "compile": True,
                "ceilings": {"copy_gbps": 3000.0, "matmul_tflops": {"bf16": 700.0, "tf32": 380.0, "fp32": 50.0}},
                "skipped": [{"test": "x", "reason": "diffusers_fastdiff: not available"}]}
@@ -213,14 +220,25 @@ def gpu_like_results(path: Path) -> Path:
 def test_gpu_tables_compare_fastdiff_with_every_provider(tmp_path):
     code, out = run_bench("--from-json", str(gpu_like_results(tmp_path / "gpu.json")))
     assert code == 0
-    (_, h1, rows1), (_, h2, rows2) = parse_tables(out)
+    (_, h1, rows1), (_, h2, rows2), (op3, h3, rows3) = parse_tables(out)
     assert h1 == ["shape", "dtype", "ms fastdiff", "ms reference", "ms torch_peer", "fastdiff vs reference",
                   "fastdiff vs torch_peer", "fastdiff % of ceiling"]
     assert rows1 == [["4x4x256x256", "bf16", "0.5", "2", "0.75", "4.00×", "1.50×", "80% copy"]]
-    assert rows2[0][-2:] == ["1.50×", "41% bf16 mm"]
+    assert h2[2:4] == ["ms fastdiff", "ms fastdiff_graph"]  # the graphed pipeline next to the eager one
+    assert rows2[0][-3:] == ["0.80×", "1.50×", "41% bf16 mm"]
+    assert op3 == "step_overhead"  # its own table: per-step times and the overhead outside the U-Net
+    assert h3 == ["shape", "dtype", "ms per step", "ms U-Net per step", "% overhead"]
+    assert rows3 == [["ddpm-cifar10_B128 DDIM-50", "bf16", "1.6", "1.58", "1.25%"]]
     report = (tmp_path / "gpu.md").read_text()
     assert "NVIDIA H100" in report and "copy 3000 GB/s" in report and "diffusers_fastdiff: not available" in report
+    assert "step_overhead (`benchmarks/bench_step_overhead.py`)" in report  # the method says how it is measured
     assert (tmp_path / "gpu.png").stat().st_size > 0
+
+
+def test_step_overhead_is_the_share_of_a_step_outside_the_unet():
+    overhead = suite_module("bench_step_overhead").overhead(step_run_ms=100.0, unet_run_ms=98.0, steps=50)
+    assert overhead["step_ms"] == pytest.approx(2.0) and overhead["unet_ms_per_step"] == pytest.approx(1.96)
+    assert overhead["pct_overhead"] == pytest.approx(2.0)
 
 
 def test_bench_module_imports_neither_matplotlib_nor_pytest():
