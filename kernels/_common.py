@@ -27,6 +27,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for the launchers' host ints: ``triton.cdiv`` is a constexpr function in recent
+    Triton and costs ~2 µs per host call, a launcher makes several per launch."""
+    return -(-a // b)
+
+
 def check_float(name: str, x: torch.Tensor) -> None:
     """Raise ``Unsupported`` unless ``x`` is fp32, fp16 or bf16."""
     if x.dtype not in POINTER_TYPE:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._common import POINTER_TYPE, Unsupported, check_device, check_float, interpreting
+from ._common import POINTER_TYPE, Unsupported, cdiv, check_device, check_float, interpreting
 
 # (BLOCK, num_warps, num_stages) of every launch. One choice for now: 1024 elements per program, 8
 # per thread (two 16-byte accesses per fp32 stream, one per 16-bit stream, 3-7 streams in flight),
@@ -57,7 +57,7 @@ def block_config(n: int) -> tuple[int, int, int]:
 
 def grid_size(batch: int, n: int, block: int) -> int:
     """Programs of the flat grid: cdiv(n, block) per row, rows one after the other."""
-    programs = batch * triton.cdiv(n, block)
+    programs = batch * cdiv(n, block)
     if n >= 2**31 or programs >= 2**31:
         raise Unsupported(f"{batch} rows of {n} elements are too many for one launch (int32 offsets)")
     return programs

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import POINTER_TYPE, KernelConfig, Unsupported, check_device, check_float, interpreting
+from ._common import POINTER_TYPE, KernelConfig, Unsupported, cdiv, check_device, check_float, interpreting
 
 MAX_HEAD_DIM = 256
 LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x·log2(e))
@@ -205,7 +205,7 @@ BLOCK_DS = tuple(sorted(_FP32_TABLE))
 
 def block_d_for(head_dim: int) -> int:
     """The padded head dim: the next power of two, at least 16 (tl.dot's smallest K)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def _choose(block_d: int, dtype: torch.dtype, aligned: bool) -> tuple[int, int, int, int]:
@@ -294,7 +294,7 @@ def attention(q, k, v, scale=None):
     block_d = block_d_for(head_dim)
     aligned = _is_aligned(head_dim, q, k, v, out)
     block_m, block_n, num_warps, num_stages = _choose(block_d, q.dtype, aligned)
-    grid = (triton.cdiv(seq_q, block_m) * batch * heads,)
+    grid = (cdiv(seq_q, block_m) * batch * heads,)
     _attention_fwd_kernel[grid](
         q, k, v, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),

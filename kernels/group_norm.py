@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, POINTER_TYPE, KernelConfig, Unsupported, check_device, check_float
+from ._common import FLOAT_DTYPES, POINTER_TYPE, KernelConfig, Unsupported, cdiv, check_device, check_float
 
 # Tile sizes (elements) and warps: BLOCK_LARGE for groups of ≥ BLOCK_LARGE elements, BLOCK_SMALL
 # for smaller ones, so small groups (C = 512 at 4x4: 256 elements) waste no lanes; larger groups
@@ -250,6 +250,7 @@ def _group_norm_stats_kernel(
 
 
 # ----------------------------------------------------------------------------- configurations
+@functools.cache  # one per key: the launcher asks on every call
 def _main_config(dtype: torch.dtype, block: int, row_width: int, channels_last: bool) -> KernelConfig:
     """The compiled configuration of ``_group_norm_kernel``."""
     pointer = POINTER_TYPE[dtype]
@@ -265,6 +266,7 @@ def _main_config(dtype: torch.dtype, block: int, row_width: int, channels_last: 
                         tags={"dtype": str(dtype).removeprefix("torch.")})
 
 
+@functools.cache
 def _stats_config(dtype: torch.dtype, row_width: int, channels_last: bool) -> KernelConfig:
     """The compiled configuration of ``_group_norm_stats_kernel`` (split path: always BLOCK_LARGE)."""
     signature = {
@@ -320,14 +322,14 @@ def _plan(batch: int, num_groups: int, group_size: int, programs_wanted: int, sp
     of chunks (tests); None picks it: split only when B·G programs cannot fill the GPU and a group
     holds ≥ MIN_SPLIT_TILES tiles, into about programs_wanted / (B·G) chunks of whole tiles."""
     block = BLOCK_LARGE if group_size >= BLOCK_LARGE or (split or 1) > 1 else BLOCK_SMALL
-    tiles = triton.cdiv(group_size, block)
+    tiles = cdiv(group_size, block)
     if split is None:
         split = 1
         if batch * num_groups < programs_wanted and tiles >= MIN_SPLIT_TILES:
-            split = min(triton.cdiv(programs_wanted, batch * num_groups), tiles, MAX_SPLIT)
+            split = min(cdiv(programs_wanted, batch * num_groups), tiles, MAX_SPLIT)
     split = max(1, min(split, tiles, MAX_SPLIT))
-    tiles_per_chunk = triton.cdiv(tiles, split)
-    split = triton.cdiv(tiles, tiles_per_chunk)       # no empty chunk
+    tiles_per_chunk = cdiv(tiles, split)
+    split = cdiv(tiles, tiles_per_chunk)       # no empty chunk
     chunk_size = tiles_per_chunk * block if split > 1 else group_size
     return block, split, chunk_size
 

@@ -26,6 +26,8 @@ per element in fp32, so the target is ≥ 90% of copy bandwidth on an H100 for l
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -75,6 +77,7 @@ def _q_sample_kernel(
     tl.store(v_ptr + b * stride_out + offs, v.to(dtype), mask=flag_mask(offs, N, write_v))
 
 
+@functools.cache  # one per key: the launcher asks on every call
 def _config(dtype: torch.dtype, block: tuple[int, int, int]) -> KernelConfig:
     """The compiled configuration for x0 of ``dtype`` and a ``block_config`` entry."""
     pointer = signature_pointer(dtype)

@@ -56,6 +56,8 @@ bound: a DDIM step at η = 0 moves 4N elements (16 bytes per element in fp32) an
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -334,6 +336,7 @@ def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
     return types
 
 
+@functools.cache  # one per key: the launcher asks on every call
 def _config(kernel, dtype: torch.dtype, block: tuple[int, int, int], libdevice: bool) -> KernelConfig:
     """The compiled configuration of ``kernel`` for tensors of ``dtype`` and a ``block_config`` entry."""
     BLOCK, num_warps, num_stages = block
