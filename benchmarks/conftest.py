@@ -2,7 +2,7 @@
 
 Run it with ``fastdiff bench`` (table, Markdown report, plot), or directly:
 
-    pytest benchmarks/ --benchmark-enable --benchmark-json=out.json [--quick] [--no-compile]
+    pytest benchmarks/ --benchmark-enable --benchmark-json=out.json [--quick] [--no-compile] [--time-budget S]
 
 * Collection: every ``benchmarks/bench_*.py`` is collected by ``pytest_collect_file`` below, so no
   ``-o python_files=...`` is needed, and the repo's ``tests/`` run never collects a benchmark.
@@ -13,6 +13,9 @@ Run it with ``fastdiff bench`` (table, Markdown report, plot), or directly:
 * Fixtures: ``env`` (device, quick, compile), ``ceilings`` (copy bandwidth and matmul rates,
   measured once per session, before the first case), ``bench`` (harness.Recorder: checks and times
   a provider and fills ``benchmark.extra_info``).
+* ``--time-budget S``: a case that would start more than S seconds after the session began is
+  skipped, with that reason, and the cases that ran keep their results: a run that must fit a
+  fixed slot of GPU time (see gpu_session.sh) ends on time with a report instead of being killed.
 * The JSON gets a top-level ``fastdiff`` section: env, ceilings, versions and every skipped case
   with its reason.
 """
@@ -28,6 +31,7 @@ import torch
 import harness
 
 _CEILINGS = pytest.StashKey[dict]()
+_DEADLINE = pytest.StashKey[float]()  # the harness.clock() reading after which no case starts (--time-budget)
 # Skipped cases and why, for the report. The logreport hook gets no config: module state, reset per session.
 _skips: list[dict] = []
 
@@ -38,6 +42,9 @@ def pytest_addoption(parser):
                     help="GPU: a subset of the shapes and fewer sampling steps (no effect on a CPU)")
     group.addoption("--no-compile", action="store_true", default=False,
                     help="skip the torch.compile providers (compiling takes most of a quick run's time)")
+    group.addoption("--time-budget", type=float, default=None, metavar="S",
+                    help="start no case later than S seconds into the session; the rest are skipped, with "
+                         "that reason, and the cases that ran keep their results")
 
 
 def pytest_collect_file(file_path, parent):
@@ -50,6 +57,18 @@ def pytest_collect_file(file_path, parent):
 
 def pytest_configure(config):
     _skips.clear()
+    budget = config.getoption("--time-budget", None)
+    if budget is not None:
+        if not budget > 0:
+            raise pytest.UsageError(f"--time-budget must be a positive number of seconds, got {budget}")
+        config.stash[_DEADLINE] = harness.clock() + budget
+
+
+@pytest.hookimpl(tryfirst=True)  # before the case's fixtures are set up (models built, compiled)
+def pytest_runtest_setup(item):
+    deadline = item.config.stash.get(_DEADLINE, None)
+    if deadline is not None and harness.clock() > deadline:
+        pytest.skip(f"--time-budget of {item.config.getoption('--time-budget'):g} s spent before this case started")
 
 
 def _env(config) -> harness.Env:

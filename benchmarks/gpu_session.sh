@@ -1,37 +1,77 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs, stage by stage, each stage's output under $OUT (the device
-# tool's return folder; benchmarks/results/ elsewhere). Written on a CPU machine: its GPU stages
-# have not run yet. Each device call is limited to 10 minutes, so give one or two stages per call:
+# What a session with a lent GPU runs. Written on a CPU machine: its GPU stages have not run yet.
 #
-#   bash benchmarks/gpu_session.sh tests quick      # pytest -m gpu, then fastdiff bench --quick
-#   bash benchmarks/gpu_session.sh full attention group_norm      # the full bench of some ops
-#   bash benchmarks/gpu_session.sh full q_sample ddim_step ddpm_step
-#   bash benchmarks/gpu_session.sh full end_to_end
+# A session has about 15 minutes of device time, machine start included, and one call may run
+# 10 minutes. So the whole job is one call of one stage, `all`, inside a time budget:
 #
-# The GPU machine has torch, triton, pytest, pytest-benchmark, nvidia-ml-py, matplotlib, safetensors,
-# pillow and tqdm, but no diffusers (the diffusers providers and interop tests then skip). To include
-# them, download the wheels here first and name .whl in the call's carry:
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#       diffusers==0.36.0 importlib_metadata
+#   here, once:  bash benchmarks/gpu_session.sh wheels     # diffusers' wheels into .whl (git-ignored)
+#   device run:  command "bash benchmarks/gpu_session.sh all", carry [".whl"], timeout_s 600
+#
+# `all` (BUDGET seconds in all, default 530) runs, most important first, each stage in what is left:
+#   1. pytest -m gpu: the GPU tests (CUDA graphs == eager, no host sync, kernels at real sizes);
+#   2. the op benchmarks, quick tier, without torch.compile peers: noising, both steps, attention,
+#      GroupNorm+SiLU (the goals compare them with the eager reference, SDPA and F.group_norm);
+#   3. DDIM-50 end to end at B = 256 in bf16 (the goal's case), every provider, diffusers and
+#      diffusers + torch.compile included when the wheels came along;
+#   4. step_overhead, quick tier: per-step overhead outside the U-Net with CUDA graphs;
+#   5. with what time is left, the rest of the full tier.
+# Benchmark stages pass `fastdiff bench --time-budget`, so a stage that runs long skips its last
+# cases and still writes its JSON and report; `timeout` is the backstop. After every stage all
+# results are packed again into $OUT/gpu-results.tgz (the device tool returns at most 8 files),
+# beside the session log $OUT/gpu-session.log. Unpack into benchmarks/results/ and commit.
+#
+# Single stages, for a rerun: tests, quick, full [OP ...], end_to_end (as in step 3).
+#
+# The GPU machine has torch, triton, pytest, pytest-benchmark, nvidia-ml-py, matplotlib,
+# safetensors, pillow, tqdm and huggingface_hub, but no diffusers: `wheels` downloads diffusers
+# (the version pyproject's test extra pins) and importlib_metadata, the only requirement it lacks.
 set -euo pipefail
 
 out=${OUT:-benchmarks/results}
-mkdir -p "$out"
-log() { printf '\n=== %s\n' "$*"; }
+work=${GPU_SESSION_WORK:-/tmp/gpu-session}  # results before packing (not $OUT: 8 files come back)
+budget=${BUDGET:-530}
+start=$SECONDS
+DIFFUSERS=diffusers==0.42.1  # as pyproject's test extra
+
+log() { printf '\n=== [%ss] %s\n' "$((SECONDS - start))" "$*"; }
+left() { echo $((budget - (SECONDS - start))); }
 # results are named by date and GPU, e.g. bench-2026-11-25-nvidia-h100-80gb-hbm3-quick.json
 stem() { echo "bench-$(date +%F)-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-')"; }
+pack() { tar -czf "$out/gpu-results.tgz.tmp" -C "$work" . && mv "$out/gpu-results.tgz.tmp" "$out/gpu-results.tgz"; }
+
+wheels() {  # on this (networked) machine: what the GPU machine lacks for the diffusers providers
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >>.git/info/exclude
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        -d .whl "$DIFFUSERS" importlib_metadata==8.7.0
+    ls -l .whl
+}
 
 setup() {
+    mkdir -p "$out" "$work"
     if compgen -G ".whl/*.whl" >/dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
     # fastdiff.kernels is kernels/ mapped into the package: an install, not a path, makes it importable
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
-    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$out/gpu.txt"
-    python3 -c "import torch, triton, fastdiff; print('torch', torch.__version__, 'triton', triton.__version__,
-'fastdiff', fastdiff.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" | tee -a "$out/gpu.txt"
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$work/install.log" 2>&1 ||
+        { cat "$work/install.log"; exit 1; }
+    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$work/gpu.txt"
+    python3 -c "import importlib.util, torch, triton, fastdiff; print('torch', torch.__version__, 'triton', triton.__version__,
+'fastdiff', fastdiff.__version__, 'diffusers', importlib.util.find_spec('diffusers') is not None,
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" | tee -a "$work/gpu.txt"
+}
+
+# bench NAME SECONDS ARGS...: fastdiff bench into $work/<stem>-NAME.json, inside SECONDS
+bench() {
+    local name=$1 seconds=$2
+    shift 2
+    if ((seconds < 30)); then
+        log "skipped bench $name: ${seconds}s left"
+        return 0
+    fi
+    log "fastdiff bench $* (--time-budget $((seconds - 20)), stopped at ${seconds}s)"
+    timeout -s INT -k 15 "$seconds" python3 -m fastdiff bench "$@" --time-budget "$((seconds - 20))" \
+        --json "$work/$(stem)-$name.json" 2>&1 | tee "$work/bench-$name.log" || echo "bench $name: exit $?"
 }
 
 run_stage() {
@@ -39,31 +79,43 @@ run_stage() {
     shift
     case $stage in
     tests)
-        log "pytest -m gpu"
-        python3 -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$out/gpu-tests.xml" 2>&1 \
-            | tee "$out/gpu-tests.log" || echo "pytest -m gpu failed (exit $?): see gpu-tests.log"
+        local seconds=${1:-900}
+        log "pytest -m gpu (stopped at ${seconds}s)"
+        timeout -s INT -k 15 "$seconds" python3 -m pytest -m gpu -q -rs -p no:cacheprovider \
+            --junitxml="$work/gpu-tests.xml" 2>&1 | tee "$work/gpu-tests.log" || echo "pytest -m gpu: exit $?"
         ;;
-    quick)
-        log "fastdiff bench --quick"
-        python3 -m fastdiff bench --quick --json "$out/$(stem)-quick.json" 2>&1 | tee "$out/bench-quick.log"
-        ;;
+    quick) bench quick "${1:-900}" --quick ;;
     full)
-        log "fastdiff bench --ops $*"
         local name
         name=$(IFS=-; echo "$*")
-        python3 -m fastdiff bench --ops "$@" --json "$out/$(stem)-${name:-all}.json" 2>&1 \
-            | tee "$out/bench-${name:-all}.log"
+        if (($#)); then bench "full-$name" 900 --ops "$@"; else bench full 900; fi
+        ;;
+    end_to_end) bench e2e-B256-bf16 "${1:-900}" --ops end_to_end -k "B256 and bf16" ;;
+    all)
+        run_stage tests "$(($(left) < 170 ? $(left) : 170))"; pack
+        bench ops-quick "$(($(left) < 170 ? $(left) : 170))" --quick --no-compile \
+            --ops q_sample ddim_step ddpm_step attention group_norm; pack
+        run_stage end_to_end "$(($(left) < 170 ? $(left) : 170))"; pack
+        bench overhead-quick "$(left)" --quick --ops step_overhead; pack
+        bench rest "$(left)" --ops q_sample ddim_step ddpm_step attention group_norm end_to_end -k "not B256"; pack
+        log "done"
         ;;
     *)
-        echo "unknown stage $stage (tests, quick, full [OP ...])" >&2
+        echo "unknown stage $stage (wheels, all, tests, quick, full [OP ...], end_to_end)" >&2
         exit 2
         ;;
     esac
 }
 
+if [[ ${1:-} == wheels ]]; then
+    wheels
+    exit
+fi
+mkdir -p "$out"
+exec > >(tee -a "$out/gpu-session.log") 2>&1  # everything below: on the terminal and in the log
 setup
-case ${1:-} in
+case ${1:-all} in
 full) run_stage "$@" ;;
-"") run_stage tests; run_stage quick ;;
-*) for stage in "$@"; do run_stage "$stage"; done ;;
+*) for stage in "${@:-all}"; do run_stage "$stage"; done ;;
 esac
+pack

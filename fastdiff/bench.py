@@ -317,6 +317,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "to it (default: benchmarks/results/bench-DATE-DEVICE[-quick].json)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile providers (compiling is most of a quick run's time)")
+    parser.add_argument("-k", dest="keyword", default=None, metavar="EXPR",
+                        help="run only the cases whose pytest id matches EXPR (pytest's -k), e.g. "
+                             "-k 'B256 and bf16'")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="S",
+                        help="start no case later than S seconds into the run; the cases left are skipped, with "
+                             "that reason, and the report covers those that ran")
     parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
                         help="run nothing: print the tables and rewrite the report of an earlier run's JSON")
     parser.add_argument("--suite", type=Path, default=SUITE, metavar="DIR",
@@ -356,13 +362,15 @@ def find_suite(suite: Path) -> Path:
                      "`fastdiff bench` from a checkout installed with `pip install -e '.[bench]'`, or pass --suite DIR")
 
 
-def pytest_arguments(suite: Path, ops: list[str], json_path: Path, quick: bool, no_compile: bool) -> list[str]:
+def pytest_arguments(suite: Path, ops: list[str], json_path: Path, quick: bool, no_compile: bool,
+                     keyword: str | None = None, time_budget: float | None = None) -> list[str]:
     """pytest.main's arguments: the bench files of ``ops``, benchmarks enabled (pyproject's addopts
     disables them for the test suite), the JSON where we want it, no cache folder written."""
     files = [str(suite / f"bench_{op}.py") for op in ops]
     return [*files, "-q", "-p", "no:cacheprovider", "--benchmark-enable", f"--benchmark-json={json_path}",
             "--benchmark-columns=median,rounds", "--benchmark-sort=fullname",
-            *(["--quick"] if quick else []), *(["--no-compile"] if no_compile else [])]
+            *(["--quick"] if quick else []), *(["--no-compile"] if no_compile else []),
+            *(["-k", keyword] if keyword else []), *([f"--time-budget={time_budget:g}"] if time_budget else [])]
 
 
 def run_suite(args: argparse.Namespace) -> tuple[Path, int]:
@@ -376,6 +384,8 @@ def run_suite(args: argparse.Namespace) -> tuple[Path, int]:
         raise ImportError(f"fastdiff bench needs pytest and pytest-benchmark: "
                           f"pip install 'fastdiff[bench]' ({err})") from err
     suite, ops = find_suite(args.suite), parse_ops(args.ops)
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
     on_gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if on_gpu else "cpu"
     json_path = args.json or default_json_path(suite / "results", device, args.quick and on_gpu)
@@ -388,7 +398,8 @@ def run_suite(args: argparse.Namespace) -> tuple[Path, int]:
               f"(the fastdiff_graph provider, {', '.join(GPU_ONLY_OPS)}).", flush=True)
     print(f"fastdiff bench: {', '.join(ops)} on {device}{' (quick)' if args.quick and on_gpu else ''} -> {json_path}",
           flush=True)
-    code = pytest.main(pytest_arguments(suite, ops, json_path, args.quick, args.no_compile))
+    code = pytest.main(pytest_arguments(suite, ops, json_path, args.quick, args.no_compile, args.keyword,
+                                        args.time_budget))
     return json_path, int(code)
 
 

@@ -151,6 +151,27 @@ def test_ops_filters_the_run(tmp_path):
                                                         "reference % of ceiling"]
 
 
+@cpu_only
+def test_keyword_and_time_budget_choose_the_cases_that_run(tmp_path, monkeypatch):
+    """-k picks cases by id; --time-budget lets the cases that started finish and skips the rest, saying
+    why. The suite's clock is replaced by one that moves 10 s per reading: the budget starts at 0, the
+    first case starts at 10 (inside 15 s), the next would start at 20."""
+    readings = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(suite_module("harness"), "clock", lambda: next(readings))
+    path = tmp_path / "budget.json"
+    code, out = run_bench("--ops", "attention", "group_norm", "--no-compile", "-k", "reference",
+                          "--time-budget", "15", "--json", str(path))
+    assert code == 0, out
+    results = bench.load_results(path)
+    assert [(r["op"], r["provider"]) for r in results.records] == [("attention", "reference")]
+    budget = [s["test"] for s in results.session["skipped"] if s["reason"].startswith("--time-budget of 15 s spent")]
+    assert budget and all("reference" in test for test in budget)  # -k deselected the other providers
+    assert any("bench_group_norm.py" in test for test in budget)
+    assert "--time-budget of 15 s spent" in path.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match="--time-budget must be a positive number of seconds, got 0"):
+        run_bench("--time-budget", "0", "--json", str(tmp_path / "x.json"))
+
+
 @pytest.mark.gpu
 def test_gpu_quick_run_records_the_kernels_with_cuda_events(tmp_path):
     path = tmp_path / "gpu.json"
