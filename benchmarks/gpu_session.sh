@@ -80,8 +80,11 @@ run_stage() {
     case $stage in
     tests)
         local seconds=${1:-900}
-        log "pytest -m gpu (stopped at ${seconds}s)"
-        timeout -s INT -k 15 "$seconds" python3 -m pytest -m gpu -q -rs -p no:cacheprovider \
+        # pytest-xdist, where installed (the GPU image has it): Triton compiles in 4 processes, not 1
+        local parallel=()
+        python3 -c "import xdist" 2>/dev/null && parallel=(-n 4 --dist loadfile)
+        log "pytest -m gpu ${parallel[*]} (stopped at ${seconds}s)"
+        timeout -s INT -k 15 "$seconds" python3 -m pytest -m gpu "${parallel[@]}" -q -rs -p no:cacheprovider \
             --junitxml="$work/gpu-tests.xml" 2>&1 | tee "$work/gpu-tests.log" || echo "pytest -m gpu: exit $?"
         ;;
     quick) bench quick "${1:-900}" --quick ;;
