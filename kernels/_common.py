@@ -77,3 +77,31 @@ class KernelConfig:
         shown = {**self.tags, **{k: v for k, v in self.constexprs.items() if k not in self.tags}}
         return f"{kernel_name}[" + ",".join(f"{k}={v}" for k, v in shown.items()) + \
             f",warps={self.num_warps},stages={self.num_stages}]"
+
+
+def _fix_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a kernel's int argument into a one-element array of shape (1,)
+    and gives its tensors ``__index__ = int(array)``, which NumPy 2 refuses for arrays that are not
+    0-d. So ``range(0, seq_k, BLOCK_N)`` over an int argument (attention's key loop) raises
+    "only 0-dimensional arrays can be converted to Python scalars" there. Triton 3.7 reads
+    ``int(array.squeeze())``; this gives 3.6 the same. Compiled kernels are untouched."""
+    import triton
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) != (3, 6):
+        return
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "fastdiff_fix", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_lang_tensor.fastdiff_fix = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreting():
+    _fix_interpreter_index()

@@ -180,11 +180,14 @@ def _attention_fwd_kernel(
 
 # ----------------------------------------------------------------------------- configuration
 # (BLOCK_D, dtype, aligned) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen with the AOT tool
-# (python -m fastdiff.kernels.aot --only attention, sm_80 and sm_90): no entry spills, shared
-# memory (q block + num_stages x (k, v) blocks) fits both, registers <= 255. Unaligned input (odd D
-# or strides: no 16-byte vector loads, no cp.async pipelining) needs more registers for addresses,
-# so its BLOCK_D = 128 entry is smaller. Not yet timed on a GPU: these are the flash-attention
-# shapes (BLOCK_M = 128 for D <= 128, 64 for D = 256) cut down until nothing spills.
+# (python -m fastdiff.kernels.aot --only attention, sm_80 and sm_90, under Triton 3.6 and 3.9): no
+# entry spills, shared memory (q block + num_stages x (k, v) blocks) fits both, registers <= 255.
+# Unaligned input (odd D or strides: no 16-byte vector loads, no cp.async pipelining) needs more
+# registers for addresses, so some of its entries are smaller. Triton 3.6's ptxas spilled where
+# 3.9's did not (8 to 40 bytes of stack: fp32 D = 16 on sm_80, fp32 D = 128 and fp16/bf16 D = 256
+# on sm_90, all unaligned), hence the unaligned tables' 16, 128 and 256 entries. Not yet timed on a
+# GPU: these are the flash-attention shapes (BLOCK_M = 128 for D <= 128, 64 for D = 256) cut down
+# until nothing spills.
 _TENSOR_CORE_TABLE = {  # fp16 / bf16: both dots on tensor cores, fp32 accumulator in registers
     16: (128, 64, 4, 3),
     32: (128, 64, 4, 3),
@@ -192,7 +195,7 @@ _TENSOR_CORE_TABLE = {  # fp16 / bf16: both dots on tensor cores, fp32 accumulat
     128: (128, 64, 8, 3),
     256: (64, 32, 8, 3),
 }
-_TENSOR_CORE_UNALIGNED = {**_TENSOR_CORE_TABLE, 128: (64, 64, 8, 3)}
+_TENSOR_CORE_UNALIGNED = {**_TENSOR_CORE_TABLE, 128: (64, 64, 8, 3), 256: (64, 16, 8, 3)}
 _FP32_TABLE = {  # fp32 with ieee dots: FMAs on the CUDA cores, dot operands in registers
     16: (64, 32, 4, 2),
     32: (64, 32, 8, 2),
@@ -200,6 +203,7 @@ _FP32_TABLE = {  # fp32 with ieee dots: FMAs on the CUDA cores, dot operands in 
     128: (64, 16, 8, 2),
     256: (32, 16, 8, 2),
 }
+_FP32_UNALIGNED = {**_FP32_TABLE, 16: (64, 32, 8, 2), 128: (32, 32, 8, 2)}
 BLOCK_DS = tuple(sorted(_FP32_TABLE))
 
 
@@ -211,7 +215,7 @@ def block_d_for(head_dim: int) -> int:
 def _choose(block_d: int, dtype: torch.dtype, aligned: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages); the launcher and ``launch_configs()`` both call this."""
     if dtype == torch.float32:
-        return _FP32_TABLE[block_d]
+        return (_FP32_TABLE if aligned else _FP32_UNALIGNED)[block_d]
     return (_TENSOR_CORE_TABLE if aligned else _TENSOR_CORE_UNALIGNED)[block_d]
 
 

@@ -155,6 +155,55 @@ def test_sliced_head_dims_and_misaligned_storage(kernel_device, dtype):
         assert_flash_criterion(out, q, k, v)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_d", attention_module.BLOCK_DS)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_every_table_entry_computes_attention(kernel_device, dtype, block_d, aligned):
+    """Each (dtype, BLOCK_D, aligned) entry of the launcher's tables, as it launches: D = BLOCK_D
+    takes the aligned entry, D = BLOCK_D − 1 (odd) the unaligned one, with a tail in both the query
+    and the key blocks of every entry's tiles."""
+    D = block_d if aligned else block_d - 1
+    q, k, v = qkv(1, 2, 70, 45, D, dtype=dtype, device=kernel_device)
+    assert attention_module.block_d_for(D) == block_d and attention_module._is_aligned(D, q, k, v) == aligned
+    out = attention(q, k, v)
+    if dtype == torch.float32:
+        assert_close_fp32(out, q, k, v)
+    else:
+        assert_flash_criterion(out, q, k, v)
+
+
+def test_triton_3_6_interpreter_gets_a_scalar_index(monkeypatch):
+    """Triton 3.6's interpreter gives a kernel's int argument a (1,) array and ``__index__ =
+    int(array)``, which NumPy 2 refuses: the key loop ``range(0, seq_k, BLOCK_N)`` raised there.
+    ``fastdiff.kernels._common`` replaces that ``__index__`` under 3.6, and leaves other versions alone."""
+    import types
+
+    import numpy as np
+    import triton
+    from triton.runtime import interpreter
+
+    common = importlib.import_module("fastdiff.kernels._common")
+
+    calls = []
+
+    def triton_3_6_patch(tensor, scope):  # what 3.6 sets, among other attributes
+        calls.append(tensor)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    scope = types.SimpleNamespace(attrs={})
+    scope.set_attr = lambda obj, name, value: scope.attrs.__setitem__(name, value)
+    seq_k = types.SimpleNamespace(handle=types.SimpleNamespace(data=np.array([77], dtype=np.int32)))
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", triton_3_6_patch)
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    common._fix_interpreter_index()
+    assert interpreter._patch_lang_tensor is triton_3_6_patch
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    common._fix_interpreter_index()
+    common._fix_interpreter_index()  # wraps once, however often it is called
+    interpreter._patch_lang_tensor("tensor", scope)
+    assert calls == ["tensor"] and scope.attrs["__index__"](seq_k) == 77
+
+
 def test_non_unit_head_dim_stride_and_broadcast_heads(kernel_device):
     """q stored (B, H, D, N) and transposed (head-dim stride N); k, v one head expanded to H (stride 0)."""
     B, H, Nq, Nk, D = 2, 3, 21, 33, 24
