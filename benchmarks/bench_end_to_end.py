@@ -8,6 +8,9 @@ images left on the device. Every provider runs the same architecture with the sa
 * fastdiff_graph: the same with ``cuda_graph=True`` (GPU only): one pipeline serves every call,
   so the untimed first call captures the step's CUDA graph and every timed call replays it, one
   launch per step instead of the U-Net's hundreds;
+* fastdiff_graph_cl: the same after ``unet.to(memory_format=torch.channels_last)`` (GPU only):
+  x_t is drawn channels_last and every layer keeps that layout, so cuDNN's tensor-core
+  convolutions (NHWC) need no transposes, and the attention block's tokens are views;
 * reference: the same pipeline on the torch backend;
 * torch_peer: the same, with the U-Net ``torch.compile``d (under compilation ``fastdiff.ops``
   traces the reference, so the U-Net is one graph for Inductor to fuse);
@@ -21,7 +24,7 @@ FLOPs: the U-Net's forward counted once (costs.unet_flops_per_image: ~12.4 GFLOP
 B × steps; compute bound, judged against the matmul rate of the precision (fp32: TF32, which
 cuDNN uses for fp32 convolutions by default). η = 0, so no noise is drawn inside the loop. On a
 CPU: the digits U-Net (1.1M parameters) at B = 1, 2 steps, fp32, the eager providers only
-(fastdiff_graph is skipped: CUDA graphs need a CUDA GPU). How much of a graphed step is not the
+(fastdiff_graph and fastdiff_graph_cl are skipped: CUDA graphs need a CUDA GPU). How much of a graphed step is not the
 U-Net: bench_step_overhead.py.
 """
 
@@ -36,8 +39,8 @@ import fastdiff
 
 OP = "end_to_end"
 STEPS = {"full": 50, "quick": 10, "cpu": 2}
-PROVIDERS = ["fastdiff", "fastdiff_graph", "reference", "torch_peer", "diffusers", "diffusers_compile",
-             "diffusers_fastdiff"]
+PROVIDERS = ["fastdiff", "fastdiff_graph", "fastdiff_graph_cl", "reference", "torch_peer", "diffusers",
+             "diffusers_compile", "diffusers_fastdiff"]
 COMPILED = ("torch_peer", "diffusers_compile")
 GRAPH_SKIP = "cuda_graph=True needs a CUDA GPU (there are no CUDA graphs on a CPU)"
 
@@ -106,9 +109,11 @@ def _accelerate():
 
 
 def make_sampler(provider, unet, batch, steps):
-    if provider in ("fastdiff", "fastdiff_graph", "reference"):
+    if provider in ("fastdiff", "fastdiff_graph", "fastdiff_graph_cl", "reference"):
+        if provider == "fastdiff_graph_cl":
+            unet.to(memory_format=torch.channels_last)
         return fastdiff_sampler(unet, batch, steps, "torch" if provider == "reference" else "triton",
-                                cuda_graph=provider == "fastdiff_graph")
+                                cuda_graph=provider.startswith("fastdiff_graph"))
     if provider == "torch_peer":
         harness.reset_compile()
         unet.compile(dynamic=False)
@@ -144,7 +149,7 @@ def test_end_to_end(bench, env, case, provider):
     bench.skip_unless_runnable(provider, compiled=provider in COMPILED)
     if provider in COMPILED and not env.on_gpu:
         pytest.skip(f"{provider}: compiling a U-Net takes minutes on a CPU; GPU only")
-    if provider == "fastdiff_graph" and not env.on_gpu:
+    if provider.startswith("fastdiff_graph") and not env.on_gpu:
         pytest.skip(f"{provider}: {GRAPH_SKIP}")
     preset, batch, steps = case.dims["preset"], case.dims["B"], STEPS[env.tier]
     unet = build_unet(preset, env.device, case.torch_dtype)

@@ -20,7 +20,7 @@ that is not the U-Net (the goal: under 2%).
 Without a CUDA GPU the suite runs its CPU cases only: small shapes, fp32, the reference against
 PyTorch's own ops and torch.compile. The Triton provider is skipped there (under Triton's CPU
 interpreter its timings would mean nothing), and so is everything that needs CUDA graphs: the
-fastdiff_graph provider and the ops in GPU_ONLY_OPS.
+fastdiff_graph providers and the ops in GPU_ONLY_OPS.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pathlib import Path
 
 OPS = ("q_sample", "ddim_step", "ddpm_step", "attention", "group_norm", "end_to_end", "step_overhead")
 GPU_ONLY_OPS = ("step_overhead",)  # CUDA graphs: their CPU case is skipped, so a CPU run has no record
-PROVIDERS = ("fastdiff", "fastdiff_graph", "reference", "torch_peer", "diffusers", "diffusers_compile",
-             "diffusers_fastdiff")
+PROVIDERS = ("fastdiff", "fastdiff_graph", "fastdiff_graph_cl", "reference", "torch_peer", "diffusers",
+             "diffusers_compile", "diffusers_fastdiff")
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks"  # in a checkout: <repo>/benchmarks
 PYTEST_NO_TESTS = 5  # pytest's exit code when nothing was collected
 OVERHEAD_NOTE = ("Per DDIM step: a sampling run with `cuda_graph=True`, and the U-Net alone in its own CUDA graph "
@@ -395,7 +395,7 @@ def run_suite(args: argparse.Namespace) -> tuple[Path, int]:
         print("fastdiff bench: no CUDA GPU. Running the CPU cases only (small shapes, fp32: the reference "
               "against PyTorch's own ops and torch.compile); the fastdiff (Triton) provider is skipped, since "
               "its timings under Triton's CPU interpreter would mean nothing; so is what needs CUDA graphs "
-              f"(the fastdiff_graph provider, {', '.join(GPU_ONLY_OPS)}).", flush=True)
+              f"(the fastdiff_graph providers, {', '.join(GPU_ONLY_OPS)}).", flush=True)
     print(f"fastdiff bench: {', '.join(ops)} on {device}{' (quick)' if args.quick and on_gpu else ''} -> {json_path}",
           flush=True)
     code = pytest.main(pytest_arguments(suite, ops, json_path, args.quick, args.no_compile, args.keyword,

@@ -126,7 +126,7 @@ class DiffusionPipeline:
         loop = self._loop(timesteps, shape, labels, guidance, step_kwargs, cuda_graph)
         loop.reset(sample, labels)
         sample = loop.run(generator, cuda_graph=cuda_graph, progress=progress, callback=callback)
-        return ImagePipelineOutput(images=(sample / 2 + 0.5).clamp(0, 1).float())
+        return ImagePipelineOutput(images=(sample / 2 + 0.5).clamp(0, 1).float().contiguous())  # NCHW, as always
 
     def _loop(self, timesteps, shape, labels, guidance, step_kwargs, cuda_graph: bool) -> SamplingLoop:
         """A new ``SamplingLoop`` over ``timesteps``; with ``cuda_graph``, the kept one (graphs and

@@ -46,12 +46,13 @@ class SamplingLoop:
 
     def __init__(self, unet, scheduler, tables: StepTables, shape: tuple[int, ...], labels: torch.Tensor | None,
                  guidance: float | None, step_kwargs: dict):
-        device, dtype = unet.device, unet.dtype
+        # x_t and z in the U-Net's layout (UNet2D.memory_format): channels_last in, channels_last out
+        like = {"device": unet.device, "dtype": unet.dtype, "memory_format": unet.memory_format}
         self.unet, self.scheduler, self.guidance, self.step_kwargs = unet, scheduler, guidance, dict(step_kwargs)
-        self.tables = tables.to(device)
-        self.sample = torch.empty(shape, device=device, dtype=dtype)  # x_t
-        self.index = torch.zeros(1, dtype=torch.int64, device=device)  # i
-        self.noise = torch.empty(shape, device=device, dtype=dtype) if any(tables.noisy) else None  # z
+        self.tables = tables.to(unet.device)
+        self.sample = torch.empty(shape, **like)  # x_t
+        self.index = torch.zeros(1, dtype=torch.int64, device=unet.device)  # i
+        self.noise = torch.empty(shape, **like) if any(tables.noisy) else None  # z
         self.labels = None if labels is None else labels.clone()  # (B,), or (2B,) with guidance
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # noisy -> the captured step
         self.stream: torch.cuda.Stream | None = None  # where graphs are warmed up and captured
@@ -130,14 +131,14 @@ class SamplingLoop:
 
 
 def loop_key(unet, scheduler, timesteps, shape, labels, guidance, step_kwargs) -> tuple:
-    """Everything a captured step bakes in, cheap to compute on every call: shapes and dtypes, the
+    """Everything a captured step bakes in, cheap to compute on every call: shapes, dtypes and layout, the
     weights' addresses (a graph reads them in place), the scheduler's options and schedule (the
     step tables are a function of them and ``timesteps``), the guidance and the backend. Two
     loops with equal keys replay each other's graphs."""
     weights = tuple(p.data_ptr() for p in unet.parameters()) + tuple(b.data_ptr() for b in unet.buffers())
     config = repr(sorted((k, repr(v)) for k, v in dict(scheduler.config).items()))
     schedule = (scheduler.num_inference_steps, tuple(scheduler.timesteps.tolist()), tuple(int(t) for t in timesteps))
-    return (id(unet), unet.device, unet.dtype, weights, type(scheduler).__name__, config,
+    return (id(unet), unet.device, unet.dtype, unet.memory_format, weights, type(scheduler).__name__, config,
             getattr(scheduler, "variance_type", None), schedule, tuple(shape),
             None if labels is None else tuple(labels.shape), guidance, tuple(sorted(step_kwargs.items())),
             get_backend())

@@ -355,6 +355,17 @@ class UNet2D(nn.Module):
         return self.conv_in.weight.device
 
     @property
+    def memory_format(self) -> torch.memory_format:
+        """``torch.channels_last`` after ``unet.to(memory_format=torch.channels_last)``, else
+        ``torch.contiguous_format``. Read off ``conv_out``'s weight, whose C/H/W strides tell the
+        two apart (``conv_in``'s do not when the image has one channel). Every layer keeps its
+        input's layout, so the pipeline draws x_t in this one and the loop never transposes."""
+        weight = self.conv_out.weight
+        if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+            return torch.channels_last
+        return torch.contiguous_format
+
+    @property
     def num_classes(self) -> int | None:
         return self.config.num_classes
 

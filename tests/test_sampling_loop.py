@@ -256,6 +256,42 @@ def test_pipeline_keeps_the_graphed_loop_for_equal_settings(tiny_pipeline):
     assert pipe._loop(*args, cuda_graph=True) is not loop
 
 
+def rgb_pipeline(device="cpu", dtype=torch.float32) -> DiffusionPipeline:
+    """The tiny model with 3 image channels: with 1, NCHW and channels_last are the same memory order
+    at the U-Net's input and output, and a layout check there could not fail."""
+    torch.manual_seed(0)
+    unet = fastdiff.UNet2D(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                           attention_resolutions=(4,), norm_num_groups=4, dropout=0.0, num_classes=3)
+    return DiffusionPipeline(unet.to(device=device, dtype=dtype).eval(), DDIMScheduler(num_train_timesteps=50))
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_channels_last_unet_keeps_the_loop_in_channels_last(backend):
+    """After ``unet.to(memory_format=torch.channels_last)`` the loop's x_t and z are channels_last, so
+    every U-Net call takes and returns channels_last tensors (no layout transposes around its
+    convolutions); the images are those of the NCHW model up to convolution rounding, and NCHW."""
+    pipe = rgb_pipeline()
+    kwargs = {"batch_size": 2, "num_inference_steps": 3, "eta": 0.5, "class_labels": [0, 2], "guidance_scale": 2.0,
+              "progress": False}
+    layouts = []
+    pipe.unet.register_forward_hook(lambda module, args, out: layouts.append((channels_last(args[0]),
+                                                                              channels_last(out))))
+    with fastdiff.use_backend(backend):
+        expected = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+        assert pipe.unet.memory_format == torch.contiguous_format and layouts == [(False, False)] * 3
+        pipe.unet.to(memory_format=torch.channels_last)
+        assert pipe.unet.memory_format == torch.channels_last
+        layouts.clear()
+        images = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert layouts == [(True, True)] * 3
+    assert images.is_contiguous() and images.shape == expected.shape
+    torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_cuda_graph_errors(tiny_pipeline):
     pipe = tiny_pipeline()
     with pytest.raises(ValueError, match="cuda_graph=True needs the pipeline on a CUDA device"):
@@ -310,6 +346,18 @@ def test_eager_loop_never_synchronises(tiny_pipeline, case, backend):
             patch.setattr(SamplingLoop, "run", strict)
             images = sample(pipe, 0, "cuda", **CASES[case][1])
     assert torch.equal(images, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_of_a_channels_last_unet(dtype):
+    pipe = rgb_pipeline("cuda", dtype)
+    pipe.unet.to(memory_format=torch.channels_last)
+    kwargs = {"batch_size": 3, "num_inference_steps": STEPS, "eta": 0.5, "progress": False}
+    with fastdiff.use_backend("triton"):
+        eager = pipe(generator=torch.Generator("cuda").manual_seed(0), **kwargs).images
+        graphed = pipe(generator=torch.Generator("cuda").manual_seed(0), cuda_graph=True, **kwargs).images
+    assert torch.equal(graphed, eager) and channels_last(pipe._graphed[1].sample)
 
 
 @pytest.mark.gpu
