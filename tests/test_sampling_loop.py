@@ -253,6 +253,13 @@ def test_pipeline_keeps_the_graphed_loop_for_equal_settings(tiny_pipeline):
     weight = pipe.unet.conv_in.weight
     weight.data = weight.data.clone()  # a new weight tensor: a graph would read the old address
     assert loop_key(pipe.unet, pipe.scheduler, *args) != key
+    key = loop_key(pipe.unet, pipe.scheduler, *args)
+    deep = pipe.unet.mid_block.attentions[0].to_q  # a Linear deep in the tree
+    deep.bias = torch.nn.Parameter(deep.bias.detach().clone())  # a new Parameter, deep in the tree
+    assert loop_key(pipe.unet, pipe.scheduler, *args) != key
+    key = loop_key(pipe.unet, pipe.scheduler, *args)
+    pipe.unet.to(memory_format=torch.channels_last)
+    assert loop_key(pipe.unet, pipe.scheduler, *args) != key
     assert pipe._loop(*args, cuda_graph=True) is not loop
 
 
