@@ -38,6 +38,7 @@ GPU_ONLY_OPS = ("step_overhead",)  # CUDA graphs: their CPU case is skipped, so 
 PROVIDERS = ("fastdiff", "fastdiff_graph", "fastdiff_graph_cl", "reference", "torch_peer", "diffusers",
              "diffusers_compile", "diffusers_fastdiff")
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks"  # in a checkout: <repo>/benchmarks
+PYTEST_INTERRUPTED = 2  # pytest's exit code after Ctrl-C (or SIGINT from `timeout -s INT`)
 PYTEST_NO_TESTS = 5  # pytest's exit code when nothing was collected
 OVERHEAD_NOTE = ("Per DDIM step: a sampling run with `cuda_graph=True`, and the U-Net alone in its own CUDA graph "
                  "replayed as many times; % overhead = (step − U-Net) / step, everything a step does besides the "
@@ -409,7 +410,10 @@ def run(args: argparse.Namespace) -> int:
         json_path, code = args.from_json, 0
     else:
         json_path, code = run_suite(args)
-        if code not in (0, 1):  # 1: some case failed, the others still have results
+        if code == PYTEST_INTERRUPTED and json_path.is_file() and json_path.stat().st_size:
+            # Ctrl-C or a timeout's SIGINT: pytest-benchmark still wrote the cases that finished
+            print("fastdiff bench: interrupted; the report covers the cases that finished", flush=True)
+        elif code not in (0, 1):  # 1: some case failed, the others still have results
             raise RuntimeError(f"the benchmark run stopped (pytest exit code {code}"
                                f"{': no case collected' if code == PYTEST_NO_TESTS else ''}); see its output above")
     results = load_results(json_path)
@@ -418,6 +422,6 @@ def run(args: argparse.Namespace) -> int:
           f"is its own few host-clock rounds)\n{device_line(results.session)}\n{ceilings_line(results.session)}\n"
           f"speed-up = other time / {subject(results.records)} time; > 1: faster\n\n{tables(results)}\n")
     print(f"results: {json_path}\nreport:  {md}\nplot:    {png}")
-    if code:
+    if code == 1:
         print("fastdiff bench: some cases failed (see pytest's output above); the report covers the others")
     return code

@@ -172,6 +172,22 @@ def test_keyword_and_time_budget_choose_the_cases_that_run(tmp_path, monkeypatch
         run_bench("--time-budget", "0", "--json", str(tmp_path / "x.json"))
 
 
+@cpu_only
+def test_an_interrupted_run_still_reports_the_cases_that_finished(quick_run, tmp_path, monkeypatch):
+    """Ctrl-C, or `timeout -s INT` in gpu_session.sh: pytest returns 2 and pytest-benchmark has
+    written the finished cases; the report covers them and the exit code stays 2. With no JSON the
+    run is an error, as before."""
+    path = tmp_path / "interrupted.json"
+    path.write_bytes(quick_run[2].read_bytes())
+    monkeypatch.setattr(bench, "run_suite", lambda args: (path, bench.PYTEST_INTERRUPTED))
+    code, out = run_bench("--json", str(path))
+    assert code == bench.PYTEST_INTERRUPTED and "interrupted; the report covers the cases that finished" in out
+    assert path.with_suffix(".md").is_file() and path.with_suffix(".png").is_file()
+    path.unlink()
+    with pytest.raises(RuntimeError, match="pytest exit code 2"):
+        run_bench("--json", str(path))
+
+
 @pytest.mark.gpu
 def test_gpu_quick_run_records_the_kernels_with_cuda_events(tmp_path):
     path = tmp_path / "gpu.json"
