@@ -11,10 +11,12 @@
 #   1. pytest -m gpu: the GPU tests (CUDA graphs == eager, no host sync, kernels at real sizes);
 #   2. the op benchmarks, quick tier, without torch.compile peers: noising, both steps, attention,
 #      GroupNorm+SiLU (the goals compare them with the eager reference, SDPA and F.group_norm);
-#   3. DDIM-50 end to end at B = 256 in bf16 (the goal's case), every provider, diffusers and
-#      diffusers + torch.compile included when the wheels came along;
+#   3. DDIM-50 end to end at B = 256 in bf16 (the goal's case): fastdiff (eager, graphed,
+#      graphed channels_last), the reference, diffusers and diffusers + torch.compile (when the
+#      wheels came along);
 #   4. step_overhead, quick tier: per-step overhead outside the U-Net with CUDA graphs;
-#   5. with what time is left, the rest of the full tier.
+#   5. with what time is left, the rest of the full tier (ops first, then end to end).
+# Stage caps (s): 120, 120, 200, 60, the rest; estimates, since no stage has run on a GPU yet.
 # Benchmark stages pass `fastdiff bench --time-budget`, so a stage that runs long skips its last
 # cases and still writes its JSON and report; `timeout` is the backstop. After every stage all
 # results are packed again into $OUT/gpu-results.tgz (the device tool returns at most 8 files),
@@ -35,6 +37,7 @@ DIFFUSERS=diffusers==0.42.1  # as pyproject's test extra
 
 log() { printf '\n=== [%ss] %s\n' "$((SECONDS - start))" "$*"; }
 left() { echo $((budget - (SECONDS - start))); }
+cap() { local l; l=$(left); echo $((l < $1 ? l : $1)); }  # the time left, at most $1 seconds
 # results are named by date and GPU, e.g. bench-2026-11-25-nvidia-h100-80gb-hbm3-quick.json
 stem() { echo "bench-$(date +%F)-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-')"; }
 pack() { tar -czf "$out/gpu-results.tgz.tmp" -C "$work" . && mv "$out/gpu-results.tgz.tmp" "$out/gpu-results.tgz"; }
@@ -93,14 +96,16 @@ run_stage() {
         name=$(IFS=-; echo "$*")
         if (($#)); then bench "full-$name" 900 --ops "$@"; else bench full 900; fi
         ;;
-    end_to_end) bench e2e-B256-bf16 "${1:-900}" --ops end_to_end -k "B256 and bf16" ;;
+    end_to_end)  # the goal's providers first; torch_peer's compile and diffusers_fastdiff come in `rest`
+        bench e2e-B256-bf16 "${1:-900}" --ops end_to_end -k "B256 and bf16 and not torch_peer and not diffusers_fastdiff"
+        ;;
     all)
-        run_stage tests "$(($(left) < 170 ? $(left) : 170))"; pack
-        bench ops-quick "$(($(left) < 170 ? $(left) : 170))" --quick --no-compile \
-            --ops q_sample ddim_step ddpm_step attention group_norm; pack
-        run_stage end_to_end "$(($(left) < 170 ? $(left) : 170))"; pack
-        bench overhead-quick "$(left)" --quick --ops step_overhead; pack
-        bench rest "$(left)" --ops q_sample ddim_step ddpm_step attention group_norm end_to_end -k "not B256"; pack
+        run_stage tests "$(cap 120)"; pack
+        bench ops-quick "$(cap 120)" --quick --no-compile --ops q_sample ddim_step ddpm_step attention group_norm; pack
+        run_stage end_to_end "$(cap 200)"; pack
+        bench overhead-quick "$(cap 60)" --quick --ops step_overhead; pack
+        bench rest "$(left)" --ops q_sample ddim_step ddpm_step attention group_norm end_to_end \
+            -k "not (B256 and bf16) or torch_peer or diffusers_fastdiff"; pack
         log "done"
         ;;
     *)
