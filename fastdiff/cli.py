@@ -32,6 +32,9 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay each denoising step from a CUDA graph: one launch per step instead of the "
                              "U-Net's hundreds, the same images (CUDA devices only)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run the U-Net in channels_last (NHWC), the layout of cuDNN's tensor-core convolutions: "
+                             "faster on GPUs, the same images up to convolution rounding")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     many = parser.add_argument_group(
         "evaluation sets (one PNG per image; split over processes under torchrun; a rerun resumes)")
@@ -50,6 +53,10 @@ def _load_sampler(args: argparse.Namespace, device):
     from . import DDIMScheduler, DDPMScheduler, load_pretrained
 
     pipe = load_pretrained(args.model, device=device)
+    if args.channels_last:
+        import torch
+
+        pipe.unet.to(memory_format=torch.channels_last)
     scheduler_cls = DDIMScheduler if args.scheduler == "ddim" else DDPMScheduler
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     steps = args.steps

@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from fastdiff.cli import main
 
@@ -41,6 +44,25 @@ def test_sample_same_seed_same_png(tiny_model, tmp_path):
     assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
     assert main([*args, "--out", str(tmp_path / "b.png")]) == 0
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_sample_channels_last_runs_the_unet_in_channels_last(tiny_model, tmp_path, monkeypatch):
+    from fastdiff import DiffusionPipeline
+
+    layouts, call = [], DiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        layouts.append(self.unet.memory_format)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "__call__", spy)
+    args = ["sample", "--model", str(tiny_model), "--steps", "3", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "nchw.png")]) == 0
+    assert main([*args, "--out", str(tmp_path / "nhwc.png"), "--channels-last"]) == 0
+    assert main([*args, "--outdir", str(tmp_path / "set"), "--num-images", "2", "--channels-last"]) == 0
+    assert layouts == [torch.contiguous_format, torch.channels_last, torch.channels_last]
+    nchw, nhwc = (np.asarray(Image.open(tmp_path / name), dtype=int) for name in ("nchw.png", "nhwc.png"))
+    assert np.abs(nchw - nhwc).max() <= 1  # the same images up to convolution rounding
 
 
 @pytest.mark.parametrize("extra, message", [(["--steps", "0"], "num_inference_steps"),
