@@ -81,8 +81,8 @@ class KernelConfig:
 
 def _fix_interpreter_index() -> None:
     """Triton 3.6's interpreter turns a kernel's int argument into a one-element array of shape (1,)
-    and gives its tensors ``__index__ = int(array)``, which NumPy 2 refuses for arrays that are not
-    0-d. So ``range(0, seq_k, BLOCK_N)`` over an int argument (attention's key loop) raises
+    and gives its tensors ``__index__ = int(array)``, which current NumPy (2.4 and 2.5 tried) refuses
+    for arrays that are not 0-d. So ``range(0, seq_k, BLOCK_N)`` over an int argument (attention's key loop) raises
     "only 0-dimensional arrays can be converted to Python scalars" there. Triton 3.7 reads
     ``int(array.squeeze())``; this gives 3.6 the same. Compiled kernels are untouched."""
     import triton
