@@ -7,7 +7,8 @@
 #   here, once:  bash benchmarks/gpu_session.sh wheels     # diffusers' wheels into .whl (git-ignored)
 #   device run:  command "bash benchmarks/gpu_session.sh all", carry [".whl"], timeout_s 600
 #
-# `all` (BUDGET seconds in all, default 530) runs, most important first, each stage in what is left:
+# `all` (BUDGET seconds in all, default 560: a 600 s call with time to pack) runs, most important
+# first, each stage in what is left:
 #   1. pytest -m gpu: the GPU tests (CUDA graphs == eager, no host sync, kernels at real sizes);
 #   2. the op benchmarks, quick tier, without torch.compile peers: noising, both steps, attention,
 #      GroupNorm+SiLU (the goals compare them with the eager reference, SDPA and F.group_norm);
@@ -15,14 +16,16 @@
 #      graphed channels_last), the reference, diffusers and diffusers + torch.compile (when the
 #      wheels came along);
 #   4. step_overhead, quick tier: per-step overhead outside the U-Net with CUDA graphs;
-#   5. with what time is left, the rest of the full tier (ops first, then end to end).
-# Stage caps (s): 120, 120, 200, 60, the rest; estimates, since no stage has run on a GPU yet.
+#   5. the kernel tests of the CPU suite (odd shapes and strides, every table entry), compiled;
+#   6. with what time is left, the rest of the full tier (ops first, then end to end).
+# Stage caps (s): 100, 110, 180, 50, 100, the rest; estimates, since no stage has run on a GPU yet.
+# A broken setup (install, import) stops the script at once, leaving device time to fix and rerun.
 # Benchmark stages pass `fastdiff bench --time-budget`, so a stage that runs long skips its last
 # cases and still writes its JSON and report; `timeout` is the backstop. After every stage all
 # results are packed again into $OUT/gpu-results.tgz (the device tool returns at most 8 files),
 # beside the session log $OUT/gpu-session.log. Unpack into benchmarks/results/ and commit.
 #
-# Single stages, for a rerun: tests, quick, full [OP ...], end_to_end (as in step 3).
+# Single stages, for a rerun: tests, kernel-tests, quick, full [OP ...], end_to_end (as in step 3).
 #
 # The GPU machine has torch, triton, pytest, pytest-benchmark, nvidia-ml-py, matplotlib,
 # safetensors, pillow, tqdm and huggingface_hub, but no diffusers: `wheels` downloads diffusers
@@ -31,7 +34,7 @@ set -euo pipefail
 
 out=${OUT:-benchmarks/results}
 work=${GPU_SESSION_WORK:-/tmp/gpu-session}  # results before packing (not $OUT: 8 files come back)
-budget=${BUDGET:-530}
+budget=${BUDGET:-560}
 start=$SECONDS
 DIFFUSERS=diffusers==0.42.1  # as pyproject's test extra
 
@@ -77,18 +80,26 @@ bench() {
         --json "$work/$(stem)-$name.json" 2>&1 | tee "$work/bench-$name.log" || echo "bench $name: exit $?"
 }
 
+# run_tests NAME SECONDS PYTEST-ARGS...: pytest into $work/NAME.{log,xml}, inside SECONDS
+run_tests() {
+    local name=$1 seconds=$2
+    shift 2
+    # pytest-xdist, where installed (the GPU image has it): Triton compiles in 4 processes, not 1
+    local parallel=()
+    python3 -c "import xdist" 2>/dev/null && parallel=(-n 4 --dist loadfile)
+    log "pytest $* ${parallel[*]} (stopped at ${seconds}s)"
+    timeout -s INT -k 15 "$seconds" python3 -m pytest "$@" "${parallel[@]}" -q -rs -p no:cacheprovider \
+        --junitxml="$work/$name.xml" 2>&1 | tee "$work/$name.log" || echo "pytest $name: exit $?"
+}
+
 run_stage() {
     local stage=$1
     shift
     case $stage in
-    tests)
-        local seconds=${1:-900}
-        # pytest-xdist, where installed (the GPU image has it): Triton compiles in 4 processes, not 1
-        local parallel=()
-        python3 -c "import xdist" 2>/dev/null && parallel=(-n 4 --dist loadfile)
-        log "pytest -m gpu ${parallel[*]} (stopped at ${seconds}s)"
-        timeout -s INT -k 15 "$seconds" python3 -m pytest -m gpu "${parallel[@]}" -q -rs -p no:cacheprovider \
-            --junitxml="$work/gpu-tests.xml" 2>&1 | tee "$work/gpu-tests.log" || echo "pytest -m gpu: exit $?"
+    tests) run_tests gpu-tests "${1:-900}" -m gpu ;;
+    kernel-tests)  # the CPU suite's kernel tests (odd shapes, strides, every table entry), compiled for this GPU
+        run_tests kernel-tests "${1:-900}" -m "not gpu" tests/test_kernel_attention.py tests/test_kernel_group_norm.py \
+            tests/test_kernel_q_sample.py tests/test_kernel_scheduler_step.py
         ;;
     quick) bench quick "${1:-900}" --quick ;;
     full)
@@ -100,16 +111,17 @@ run_stage() {
         bench e2e-B256-bf16 "${1:-900}" --ops end_to_end -k "B256 and bf16 and not torch_peer and not diffusers_fastdiff"
         ;;
     all)
-        run_stage tests "$(cap 120)"; pack
-        bench ops-quick "$(cap 120)" --quick --no-compile --ops q_sample ddim_step ddpm_step attention group_norm; pack
-        run_stage end_to_end "$(cap 200)"; pack
-        bench overhead-quick "$(cap 60)" --quick --ops step_overhead; pack
+        run_stage tests "$(cap 100)"; pack
+        bench ops-quick "$(cap 110)" --quick --no-compile --ops q_sample ddim_step ddpm_step attention group_norm; pack
+        run_stage end_to_end "$(cap 180)"; pack
+        bench overhead-quick "$(cap 50)" --quick --ops step_overhead; pack
+        run_stage kernel-tests "$(cap 100)"; pack
         bench rest "$(left)" --ops q_sample ddim_step ddpm_step attention group_norm end_to_end \
             -k "not (B256 and bf16) or torch_peer or diffusers_fastdiff"; pack
         log "done"
         ;;
     *)
-        echo "unknown stage $stage (wheels, all, tests, quick, full [OP ...], end_to_end)" >&2
+        echo "unknown stage $stage (wheels, all, tests, kernel-tests, quick, full [OP ...], end_to_end)" >&2
         exit 2
         ;;
     esac
