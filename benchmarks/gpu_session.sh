@@ -7,7 +7,7 @@
 #   here, once:  bash benchmarks/gpu_session.sh wheels     # diffusers' wheels into .whl (git-ignored)
 #   device run:  command "bash benchmarks/gpu_session.sh all", carry [".whl"], timeout_s 600
 #
-# `all` (BUDGET seconds in all, default 560: a 600 s call with time to pack) runs, most important
+# `all` (BUDGET seconds in all, default 575: a 600 s call with time to pack) runs, most important
 # first, each stage in what is left:
 #   1. pytest -m gpu: the GPU tests (CUDA graphs == eager, no host sync, kernels at real sizes);
 #   2. the op benchmarks, quick tier, without torch.compile peers: noising, both steps, attention,
@@ -16,16 +16,17 @@
 #      graphed channels_last), the reference, diffusers and diffusers + torch.compile (when the
 #      wheels came along);
 #   4. step_overhead, quick tier: per-step overhead outside the U-Net with CUDA graphs;
-#   5. the kernel tests of the CPU suite (odd shapes and strides, every table entry), compiled;
-#   6. with what time is left, the rest of the full tier (ops first, then end to end).
-# Stage caps (s): 100, 110, 180, 50, 100, the rest; estimates, since no stage has run on a GPU yet.
+#   5. benchmarks/tune.py: the candidate launch configs of the elementwise kernels and attention;
+#   6. the kernel tests of the CPU suite (odd shapes and strides, every table entry), compiled;
+#   7. with what time is left, the rest of the full tier (ops first, then end to end).
+# Stage caps (s): 90, 100, 170, 45, 80, 75, the rest; estimates: no stage has run on a GPU yet.
 # A broken setup (install, import) stops the script at once, leaving device time to fix and rerun.
 # Benchmark stages pass `fastdiff bench --time-budget`, so a stage that runs long skips its last
 # cases and still writes its JSON and report; `timeout` is the backstop. After every stage all
 # results are packed again into $OUT/gpu-results.tgz (the device tool returns at most 8 files),
 # beside the session log $OUT/gpu-session.log. Unpack into benchmarks/results/ and commit.
 #
-# Single stages, for a rerun: tests, kernel-tests, quick, full [OP ...], end_to_end (as in step 3).
+# Single stages, for a rerun: tests, kernel-tests, quick, tune, full [OP ...], end_to_end (step 3).
 #
 # The GPU machine has torch, triton, pytest, pytest-benchmark, nvidia-ml-py, matplotlib,
 # safetensors, pillow, tqdm and huggingface_hub, but no diffusers: `wheels` downloads diffusers
@@ -34,7 +35,7 @@ set -euo pipefail
 
 out=${OUT:-benchmarks/results}
 work=${GPU_SESSION_WORK:-/tmp/gpu-session}  # results before packing (not $OUT: 8 files come back)
-budget=${BUDGET:-560}
+budget=${BUDGET:-575}
 start=$SECONDS
 DIFFUSERS=diffusers==0.42.1  # as pyproject's test extra
 
@@ -102,6 +103,12 @@ run_stage() {
             tests/test_kernel_q_sample.py tests/test_kernel_scheduler_step.py
         ;;
     quick) bench quick "${1:-900}" --quick ;;
+    tune)
+        local seconds=${1:-900}
+        log "benchmarks/tune.py (--time-budget $((seconds - 15)), stopped at ${seconds}s)"
+        timeout -s INT -k 15 "$seconds" python3 benchmarks/tune.py --time-budget "$((seconds - 15))" \
+            --json "$work/$(stem)-tune.json" 2>&1 | tee "$work/tune.log" || echo "tune: exit $?"
+        ;;
     full)
         local name
         name=$(IFS=-; echo "$*")
@@ -111,17 +118,18 @@ run_stage() {
         bench e2e-B256-bf16 "${1:-900}" --ops end_to_end -k "B256 and bf16 and not torch_peer and not diffusers_fastdiff"
         ;;
     all)
-        run_stage tests "$(cap 100)"; pack
-        bench ops-quick "$(cap 110)" --quick --no-compile --ops q_sample ddim_step ddpm_step attention group_norm; pack
-        run_stage end_to_end "$(cap 180)"; pack
-        bench overhead-quick "$(cap 50)" --quick --ops step_overhead; pack
-        run_stage kernel-tests "$(cap 100)"; pack
+        run_stage tests "$(cap 90)"; pack
+        bench ops-quick "$(cap 100)" --quick --no-compile --ops q_sample ddim_step ddpm_step attention group_norm; pack
+        run_stage end_to_end "$(cap 170)"; pack
+        bench overhead-quick "$(cap 45)" --quick --ops step_overhead; pack
+        run_stage tune "$(cap 80)"; pack
+        run_stage kernel-tests "$(cap 75)"; pack
         bench rest "$(left)" --ops q_sample ddim_step ddpm_step attention group_norm end_to_end \
             -k "not (B256 and bf16) or torch_peer or diffusers_fastdiff"; pack
         log "done"
         ;;
     *)
-        echo "unknown stage $stage (wheels, all, tests, kernel-tests, quick, full [OP ...], end_to_end)" >&2
+        echo "unknown stage $stage (wheels, all, tests, kernel-tests, quick, tune, full [OP ...], end_to_end)" >&2
         exit 2
         ;;
     esac

@@ -188,6 +188,46 @@ def test_an_interrupted_run_still_reports_the_cases_that_finished(quick_run, tmp
         run_bench("--json", str(path))
 
 
+class LaunchSpy:
+    """Stands in for a @triton.jit kernel: records the named launch options, then launches."""
+
+    def __init__(self, kernel, keys, launched):
+        self.kernel, self.keys, self.launched = kernel, keys, launched
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.launched.append(tuple(kwargs[key] for key in self.keys))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@cpu_only
+def test_tune_smoke_launches_and_checks_every_candidate(tmp_path, monkeypatch):
+    """benchmarks/tune.py --smoke: each candidate reaches the kernel launch (not the shipped config)
+    and computes the reference's result; a spent --time-budget skips the candidates."""
+    tune = suite_module("tune")
+    attention, q_sample = tune.kernels("attention"), tune.kernels("q_sample")
+    launched = {"attention": [], "q_sample": []}
+    monkeypatch.setattr(attention, "_attention_fwd_kernel", LaunchSpy(
+        attention._attention_fwd_kernel, ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), launched["attention"]))
+    monkeypatch.setattr(q_sample, "_q_sample_kernel", LaunchSpy(
+        q_sample._q_sample_kernel, ("BLOCK", "num_warps", "num_stages"), launched["q_sample"]))
+    records = tune.sweep(["attention", "elementwise"], smoke=True, deadline=None, ceilings=None)
+    assert [r["op"] for r in records] == ["attention"] * 2 + ["q_sample"] * 2 + ["ddim_step"] * 2
+    assert all(r["ok"] and "median_ms" not in r for case in records for r in case["results"])
+    assert launched["attention"] == tune.ATTENTION_CANDIDATES[256] + tune.ATTENTION_CANDIDATES[64]
+    assert launched["q_sample"] == tune.ELEMENTWISE_CANDIDATES * 2  # fp32, bf16
+    assert records[0]["shipped"] in map(list, tune.ATTENTION_CANDIDATES[256])
+    spent = tune.sweep(["elementwise"], smoke=True, deadline=-1.0, ceilings=None)
+    assert all(r == {"config": r["config"], "skipped": "--time-budget spent"} for c in spent for r in c["results"])
+    path = tmp_path / "tune.json"
+    assert tune.main(["--smoke", "--ops", "elementwise", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["smoke"] is True
+
+
 @pytest.mark.gpu
 def test_gpu_quick_run_records_the_kernels_with_cuda_events(tmp_path):
     path = tmp_path / "gpu.json"
