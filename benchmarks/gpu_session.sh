@@ -16,10 +16,10 @@
 #      graphed channels_last), the reference, diffusers and diffusers + torch.compile (when the
 #      wheels came along);
 #   4. step_overhead, quick tier: per-step overhead outside the U-Net with CUDA graphs;
-#   5. benchmarks/tune.py: the candidate launch configs of the elementwise kernels and attention;
+#   5. benchmarks/tune.py: candidate launch configs of the elementwise kernels, GroupNorm, attention;
 #   6. the kernel tests of the CPU suite (odd shapes and strides, every table entry), compiled;
 #   7. with what time is left, the rest of the full tier (ops first, then end to end).
-# Stage caps (s): 90, 100, 170, 45, 80, 75, the rest; estimates: no stage has run on a GPU yet.
+# Stage caps (s): 90, 100, 170, 45, 100, 55, the rest; estimates: no stage has run on a GPU yet.
 # A broken setup (install, import) stops the script at once, leaving device time to fix and rerun.
 # Benchmark stages pass `fastdiff bench --time-budget`, so a stage that runs long skips its last
 # cases and still writes its JSON and report; `timeout` is the backstop. After every stage all
@@ -122,8 +122,8 @@ run_stage() {
         bench ops-quick "$(cap 100)" --quick --no-compile --ops q_sample ddim_step ddpm_step attention group_norm; pack
         run_stage end_to_end "$(cap 170)"; pack
         bench overhead-quick "$(cap 45)" --quick --ops step_overhead; pack
-        run_stage tune "$(cap 80)"; pack
-        run_stage kernel-tests "$(cap 75)"; pack
+        run_stage tune "$(cap 100)"; pack
+        run_stage kernel-tests "$(cap 55)"; pack
         bench rest "$(left)" --ops q_sample ddim_step ddpm_step attention group_norm end_to_end \
             -k "not (B256 and bf16) or torch_peer or diffusers_fastdiff"; pack
         log "done"

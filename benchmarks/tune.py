@@ -1,7 +1,7 @@
 """Sweep the launch configurations of fastdiff's kernels on this GPU, to choose the shipped tables
 from timings instead of compile reports.
 
-    python benchmarks/tune.py [--ops elementwise attention] [--json PATH] [--time-budget S]
+    python benchmarks/tune.py [--ops elementwise attention group_norm] [--json PATH] [--time-budget S]
     python benchmarks/tune.py --smoke     # no GPU: the interpreter at tiny sizes, checks only
 
 For each case (an op at a shape and dtype the goals care about), every candidate configuration is
@@ -11,9 +11,11 @@ timed as the suite times (harness.timed: CUDA events, 256 MB of L2 flushed befor
 median). One table per case, the shipped configuration marked, and a JSON with every number.
 
 Candidates: the elementwise kernels (q_sample, ddim_step) take BLOCK × num_warps; attention takes
-(BLOCK_M, BLOCK_N, num_warps, num_stages) at the padded head dim of the case. The attention
-candidates were vetted ahead of time with ``python -m fastdiff.kernels.aot`` on this CPU machine:
-none spills and each uses HGMMA on sm_90, under Triton 3.6 and 3.9 alike.
+(BLOCK_M, BLOCK_N, num_warps, num_stages) at the padded head dim of the case; GroupNorm+SiLU takes
+its large tile and its warps (BLOCK_LARGE, WARPS_LARGE: groups of at least that many elements, and
+the split path's statistics). The attention and GroupNorm candidates were vetted ahead of time with
+``python -m fastdiff.kernels.aot`` on a CPU machine: none spills on sm_90 under Triton 3.6 or 3.9,
+and each attention candidate uses HGMMA.
 
 ``--smoke`` (what tests/test_bench.py runs) checks every candidate under Triton's interpreter at
 tiny sizes and times nothing: a candidate that computes a wrong result fails there first.
@@ -43,20 +45,27 @@ import fastdiff  # noqa: E402
 from fastdiff import ops  # noqa: E402
 
 ELEMENTWISE_CANDIDATES = [(block, warps, 1) for block in (512, 1024, 2048, 4096) for warps in (4, 8)]
+GROUP_NORM_CANDIDATES = [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]  # (BLOCK_LARGE, WARPS_LARGE)
 ATTENTION_CANDIDATES = {  # padded head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages)
     256: [(64, 16, 8, 2), (64, 16, 8, 3), (64, 32, 4, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2),
           (64, 64, 8, 3), (128, 16, 8, 2), (128, 16, 8, 3), (128, 32, 8, 2), (128, 32, 8, 3)],
     64: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 4, 3), (64, 128, 8, 3), (128, 32, 4, 3),
          (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)],
 }
-# (op, shape, dtype): the goals' cases. Elementwise: 64M elements (256 MB in fp32); attention: the
-# DDPM CIFAR-10 U-Net's (N = 256, D = 256) at B = 128, and a 64×64 latent map's (N = 4096, D = 64).
+# (op, shape, dtype): the goals' cases, in sweep order (cheapest compiles first). Elementwise: 64M
+# elements (256 MB in fp32); attention: the DDPM CIFAR-10 U-Net's (N = 256, D = 256) at B = 128, and
+# a 64×64 latent map's (N = 4096, D = 64).
 CASES = {
     "elementwise": [("q_sample", (256, 4, 256, 256), dtype) for dtype in ("fp32", "bf16")]
                    + [("ddim_step", (256, 4, 256, 256), dtype) for dtype in ("fp32", "bf16")],
+    # the CIFAR-10 U-Net's 32×32 level at B = 128, and a 64×64 latent U-Net's first level (21M elements)
+    "group_norm": [("group_norm", (128, 128, 32, 32), dtype) for dtype in ("fp32", "bf16")]
+                  + [("group_norm", (16, 320, 64, 64), "bf16")],
     "attention": [("attention", (128, 1, 256, 256), "bf16"), ("attention", (4, 8, 4096, 64), "bf16")],
 }
-SMOKE_SHAPES = {"q_sample": (2, 3, 17, 19), "ddim_step": (2, 3, 17, 19), "attention": (1, 2, 70, None)}
+GROUPS = 32  # the U-Net's norm_num_groups (fewer when there are fewer channels: the smoke shape)
+SMOKE_SHAPES = {"q_sample": (2, 3, 17, 19), "ddim_step": (2, 3, 17, 19), "attention": (1, 2, 70, None),
+                "group_norm": (1, 8, 128, 128)}  # 8 groups of 16384 elements: the large tile and the split path
 
 
 @contextlib.contextmanager
@@ -67,6 +76,20 @@ def replaced(module, name: str, value):
         yield
     finally:
         setattr(module, name, old)
+
+
+@contextlib.contextmanager
+def large_tile(module, block: int, warps: int):
+    """group_norm's BLOCK_LARGE and WARPS_LARGE replaced; its cached configurations dropped on the
+    way in and out (they hold the tile size)."""
+    with replaced(module, "BLOCK_LARGE", block), replaced(module, "WARPS_LARGE", warps):
+        module._main_config.cache_clear()
+        module._stats_config.cache_clear()
+        try:
+            yield
+        finally:
+            module._main_config.cache_clear()
+            module._stats_config.cache_clear()
 
 
 def kernels(name: str):
@@ -93,6 +116,11 @@ def make_case(op: str, shape: tuple, dtype: torch.dtype, device: str):
                                  clip_sample_range=1.0)
 
         return call, costs.ddim_step(sample.numel(), itemsize)
+    if op == "group_norm":
+        x, weight, bias = randn(*shape), 1 + 0.1 * randn(shape[1]), 0.1 * randn(shape[1])
+        groups = min(GROUPS, shape[1])
+        return ((lambda: ops.group_norm(x, groups, weight, bias, 1e-6, silu=True)),
+                costs.group_norm(x.numel(), shape[1], itemsize, silu=True))
     batch, heads, n, head_dim = shape
     q, k, v = randn(*shape), randn(*shape), randn(*shape)
     return (lambda: ops.attention(q, k, v)), costs.attention(batch, heads, n, n, head_dim, itemsize)
@@ -110,6 +138,9 @@ def chooser(op: str, shape: tuple, dtype: torch.dtype):
             return replaced(module, "_choose", lambda d, t, a: candidate if d == block_d else choose(d, t, a))
 
         return shipped, ATTENTION_CANDIDATES[block_d], use
+    if op == "group_norm":
+        module = kernels("group_norm")
+        return (module.BLOCK_LARGE, module.WARPS_LARGE), GROUP_NORM_CANDIDATES, lambda c: large_tile(module, *c)
     module = kernels("q_sample" if op == "q_sample" else "scheduler_step")
     shipped = module.block_config(shape[1] * shape[2] * shape[3])
     return shipped, ELEMENTWISE_CANDIDATES, lambda candidate: replaced(module, "block_config", lambda n: candidate)
@@ -118,11 +149,14 @@ def chooser(op: str, shape: tuple, dtype: torch.dtype):
 # ----------------------------------------------------------------------------- the sweep
 def sweep(ops_wanted: list[str], smoke: bool, deadline: float | None, ceilings: dict | None) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    records = []
+    records, seen = [], set()
     for group in ops_wanted:
         for op, shape, dtype_name in CASES[group]:
             if smoke:
                 shape = SMOKE_SHAPES[op] if op != "attention" else (*SMOKE_SHAPES[op][:3], shape[-1])
+                if (op, shape, dtype_name) in seen:  # two cases that shrink to one smoke shape
+                    continue
+                seen.add((op, shape, dtype_name))
             dtype = harness.DTYPES[dtype_name]
             call, cost = make_case(op, shape, dtype, device)
             with fastdiff.use_backend("torch"):
@@ -178,7 +212,8 @@ def format_result(case: dict, result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ops", nargs="+", choices=sorted(CASES), default=sorted(CASES))
+    parser.add_argument("--ops", nargs="+", choices=list(CASES), default=list(CASES),
+                        help="kernel groups, swept in this order (default: all, cheapest compiles first)")
     parser.add_argument("--json", type=Path, default=None, help="where to write every number")
     parser.add_argument("--time-budget", type=float, default=None, metavar="S",
                         help="start no candidate later than S seconds after the start")

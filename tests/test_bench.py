@@ -209,18 +209,23 @@ def test_tune_smoke_launches_and_checks_every_candidate(tmp_path, monkeypatch):
     """benchmarks/tune.py --smoke: each candidate reaches the kernel launch (not the shipped config)
     and computes the reference's result; a spent --time-budget skips the candidates."""
     tune = suite_module("tune")
-    attention, q_sample = tune.kernels("attention"), tune.kernels("q_sample")
-    launched = {"attention": [], "q_sample": []}
-    monkeypatch.setattr(attention, "_attention_fwd_kernel", LaunchSpy(
-        attention._attention_fwd_kernel, ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), launched["attention"]))
-    monkeypatch.setattr(q_sample, "_q_sample_kernel", LaunchSpy(
-        q_sample._q_sample_kernel, ("BLOCK", "num_warps", "num_stages"), launched["q_sample"]))
-    records = tune.sweep(["attention", "elementwise"], smoke=True, deadline=None, ceilings=None)
-    assert [r["op"] for r in records] == ["attention"] * 2 + ["q_sample"] * 2 + ["ddim_step"] * 2
+    attention, q_sample, group_norm = tune.kernels("attention"), tune.kernels("q_sample"), tune.kernels("group_norm")
+    launched = {"attention": [], "q_sample": [], "group_norm": [], "stats": []}
+    for module, name, keys, log in (
+            (attention, "_attention_fwd_kernel", ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), "attention"),
+            (q_sample, "_q_sample_kernel", ("BLOCK", "num_warps", "num_stages"), "q_sample"),
+            (group_norm, "_group_norm_kernel", ("BLOCK", "num_warps"), "group_norm"),
+            (group_norm, "_group_norm_stats_kernel", ("BLOCK", "num_warps"), "stats")):
+        monkeypatch.setattr(module, name, LaunchSpy(getattr(module, name), keys, launched[log]))
+    records = tune.sweep(["attention", "elementwise", "group_norm"], smoke=True, deadline=None, ceilings=None)
+    assert [r["op"] for r in records] == ["attention"] * 2 + ["q_sample"] * 2 + ["ddim_step"] * 2 + ["group_norm"] * 2
     assert all(r["ok"] and "median_ms" not in r for case in records for r in case["results"])
     assert launched["attention"] == tune.ATTENTION_CANDIDATES[256] + tune.ATTENTION_CANDIDATES[64]
     assert launched["q_sample"] == tune.ELEMENTWISE_CANDIDATES * 2  # fp32, bf16
+    # GroupNorm: the split path, so both kernels, each with the candidate's tile and warps
+    assert launched["group_norm"] == launched["stats"] == tune.GROUP_NORM_CANDIDATES * 2
     assert records[0]["shipped"] in map(list, tune.ATTENTION_CANDIDATES[256])
+    assert (group_norm.BLOCK_LARGE, group_norm.WARPS_LARGE) == tuple(records[-1]["shipped"])  # restored
     spent = tune.sweep(["elementwise"], smoke=True, deadline=-1.0, ceilings=None)
     assert all(r == {"config": r["config"], "skipped": "--time-budget spent"} for c in spent for r in c["results"])
     path = tmp_path / "tune.json"
