@@ -98,7 +98,8 @@ def kernels(name: str):
 
 # ----------------------------------------------------------------------------- the cases
 def make_case(op: str, shape: tuple, dtype: torch.dtype, device: str):
-    """(call, cost, shipped chooser patch): ``call()`` runs the op through fastdiff.ops."""
+    """(call, cost): ``call()`` runs the op on seeded random inputs through fastdiff.ops (whichever
+    backend is in use); ``cost`` is its bytes and FLOPs (costs.py)."""
     gen = torch.Generator(device).manual_seed(0)
     randn = lambda *s: torch.randn(s, generator=gen, device=device).to(dtype)  # noqa: E731
     itemsize = torch.empty((), dtype=dtype).element_size()
