@@ -205,7 +205,7 @@ class LaunchSpy:
 
 
 @cpu_only
-def test_tune_smoke_launches_and_checks_every_candidate(tmp_path, monkeypatch):
+def test_tune_smoke_launches_and_checks_every_candidate(tmp_path, monkeypatch, request):
     """benchmarks/tune.py --smoke: each candidate reaches the kernel launch (not the shipped config)
     and computes the reference's result; a spent --time-budget skips the candidates."""
     tune = suite_module("tune")
@@ -217,6 +217,11 @@ def test_tune_smoke_launches_and_checks_every_candidate(tmp_path, monkeypatch):
             (group_norm, "_group_norm_kernel", ("BLOCK", "num_warps"), "group_norm"),
             (group_norm, "_group_norm_stats_kernel", ("BLOCK", "num_warps"), "stats")):
         monkeypatch.setattr(module, name, LaunchSpy(getattr(module, name), keys, launched[log]))
+    # the launchers' cached KernelConfigs hold the kernel object: none may keep a spy after this test
+    caches = [q_sample._config, group_norm._main_config, group_norm._stats_config]
+    request.addfinalizer(lambda: [cache.cache_clear() for cache in caches])
+    for cache in caches:
+        cache.cache_clear()
     records = tune.sweep(["attention", "elementwise", "group_norm"], smoke=True, deadline=None, ceilings=None)
     assert [r["op"] for r in records] == ["attention"] * 2 + ["q_sample"] * 2 + ["ddim_step"] * 2 + ["group_norm"] * 2
     assert all(r["ok"] and "median_ms" not in r for case in records for r in case["results"])
