@@ -68,14 +68,20 @@ setup() {
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" | tee -a "$work/gpu.txt"
 }
 
+# too_little NAME SECONDS MIN: say so and succeed when SECONDS < MIN (`timeout 0` would mean no limit)
+too_little() {
+    if (($2 < $3)); then
+        log "skipped $1: ${2}s left"
+        return 0
+    fi
+    return 1
+}
+
 # bench NAME SECONDS ARGS...: fastdiff bench into $work/<stem>-NAME.json, inside SECONDS
 bench() {
     local name=$1 seconds=$2
     shift 2
-    if ((seconds < 30)); then
-        log "skipped bench $name: ${seconds}s left"
-        return 0
-    fi
+    too_little "bench $name" "$seconds" 30 && return 0
     log "fastdiff bench $* (--time-budget $((seconds - 20)), stopped at ${seconds}s)"
     timeout -s INT -k 15 "$seconds" python3 -m fastdiff bench "$@" --time-budget "$((seconds - 20))" \
         --json "$work/$(stem)-$name.json" 2>&1 | tee "$work/bench-$name.log" || echo "bench $name: exit $?"
@@ -85,6 +91,7 @@ bench() {
 run_tests() {
     local name=$1 seconds=$2
     shift 2
+    too_little "pytest $name" "$seconds" 20 && return 0
     # pytest-xdist, where installed (the GPU image has it): Triton compiles in 4 processes, not 1
     local parallel=()
     python3 -c "import xdist" 2>/dev/null && parallel=(-n 4 --dist loadfile)
@@ -105,6 +112,7 @@ run_stage() {
     quick) bench quick "${1:-900}" --quick ;;
     tune)
         local seconds=${1:-900}
+        too_little tune "$seconds" 30 && return 0
         log "benchmarks/tune.py (--time-budget $((seconds - 15)), stopped at ${seconds}s)"
         timeout -s INT -k 15 "$seconds" python3 benchmarks/tune.py --time-budget "$((seconds - 15))" \
             --json "$work/$(stem)-tune.json" 2>&1 | tee "$work/tune.log" || echo "tune: exit $?"
