@@ -115,7 +115,7 @@ run_stage() {
         too_little tune "$seconds" 30 && return 0
         log "benchmarks/tune.py (--time-budget $((seconds - 15)), stopped at ${seconds}s)"
         timeout -s INT -k 15 "$seconds" python3 benchmarks/tune.py --time-budget "$((seconds - 15))" \
-            --json "$work/$(stem)-tune.json" 2>&1 | tee "$work/tune.log" || echo "tune: exit $?"
+            --json "$work/$(stem | sed 's/^bench-/tune-/').json" 2>&1 | tee "$work/tune.log" || echo "tune: exit $?"
         ;;
     full)
         local name
