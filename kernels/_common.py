@@ -67,6 +67,11 @@ class KernelConfig:
     # Compile as Triton's JIT does for the common case: every pointer argument 16-byte aligned
     # (fresh torch allocations are), which is what enables 16-byte vector loads and cp.async.
     aligned_pointers: bool = True
+    # int arguments that are multiples of 16 in the common case (a row's length C·H·W and the rows'
+    # strides for U-Net-sized tensors). The AOT compile marks them as the JIT specialises such
+    # values, so its SASS shows what a real launch runs; the AOT test then wants every store to be
+    # a 16-byte vector store (tests/test_kernels_aot.py).
+    aligned_ints: tuple[str, ...] = ()
     # further compile options the launcher passes (e.g. enable_fp_fusion=False), used by the AOT compile too
     options: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, Any] = field(default_factory=dict)  # what a reader needs to tell configs apart

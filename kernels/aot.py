@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 
 from . import OP_MODULES
 from ._common import KernelConfig
@@ -58,7 +59,7 @@ def compile_config(config: KernelConfig, arch: int) -> dict:
     attrs = None
     if config.aligned_pointers:  # what the JIT's specialisation says of an aligned pointer
         attrs = {(config.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-                 for name, kind in config.signature.items() if kind.startswith("*")}
+                 for name, kind in config.signature.items() if kind.startswith("*") or name in config.aligned_ints}
     source = ASTSource(fn=config.kernel, signature=config.signature, constexprs=config.constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages, **config.options})
@@ -82,6 +83,9 @@ def compile_config(config: KernelConfig, arch: int) -> dict:
         "threads": 32 * config.num_warps,
         "tensor_core_instruction": instruction,
         "tensor_core_count": len(re.findall(rf"\b{instruction}\b", sass)),
+        # global stores by width: STG.E.128 is a 16-byte vector store, STG.E (.U16, .64) narrower
+        "stores": dict(Counter(re.findall(r"\bSTG\.E(?:\.\w+)*", sass))),
+        "vector_stores_expected": bool(config.aligned_ints),
         "wants_tensor_cores": config.tensor_cores,
         "may_spill": config.may_spill,
         "ptx_bytes": len(compiled.asm["ptx"]),

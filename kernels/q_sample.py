@@ -88,6 +88,7 @@ def _config(dtype: torch.dtype, block: tuple[int, int, int]) -> KernelConfig:
         "stride_noise": "i32", "stride_t": "i32", "stride_out": "i32", "write_v": "i32", "BLOCK": "constexpr",
     }
     return KernelConfig(_q_sample_kernel, signature, {"BLOCK": BLOCK}, num_warps=num_warps, num_stages=num_stages,
+                        aligned_ints=("N", "stride_x0", "stride_noise", "stride_out"),  # not stride_t: 0 or 1
                         options=COMPILE_OPTIONS, tags={"dtype": str(dtype).removeprefix("torch.")})
 
 

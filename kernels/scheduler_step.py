@@ -343,7 +343,9 @@ def _config(kernel, dtype: torch.dtype, block: tuple[int, int, int], libdevice: 
     constexprs = {"BLOCK": BLOCK}
     if "LIBDEVICE" in kernel.arg_names:
         constexprs["LIBDEVICE"] = libdevice
-    return KernelConfig(kernel, _signature(kernel, dtype), constexprs, num_warps=num_warps, num_stages=num_stages,
+    signature = _signature(kernel, dtype)
+    return KernelConfig(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                        aligned_ints=tuple(name for name in signature if name == "N" or name.startswith("stride_")),
                         options=COMPILE_OPTIONS, tags={"dtype": str(dtype).removeprefix("torch.")})
 
 
