@@ -88,7 +88,8 @@ def test_quick_run_writes_json_report_and_plot(quick_run):
     assert {r["provider"] for r in results.records} == {"reference", "torch_peer", "diffusers"}
     reasons = [s["reason"] for s in results.session["skipped"]]
     assert any("fastdiff: no CUDA GPU" in reason for reason in reasons)
-    for skipped in ("fastdiff_graph", "fastdiff_graph_cl", *bench.GPU_ONLY_OPS):  # CUDA graphs: skipped, and the report says why
+    # CUDA graphs: skipped, and the report says why
+    for skipped in ("fastdiff_graph", "fastdiff_graph_cl", *bench.GPU_ONLY_OPS):
         assert any(reason.startswith(f"{skipped}: cuda_graph=True needs a CUDA GPU") for reason in reasons)
         assert f"{skipped}: cuda_graph=True needs a CUDA GPU" in report
 
