@@ -56,10 +56,10 @@ def compile_config(config: KernelConfig, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    attrs = None
-    if config.aligned_pointers:  # what the JIT's specialisation says of an aligned pointer
-        attrs = {(config.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-                 for name, kind in config.signature.items() if kind.startswith("*") or name in config.aligned_ints}
+    # what the JIT's specialisation says of a 16-byte aligned pointer or of an int divisible by 16
+    divisible = [name for name, kind in config.signature.items()
+                 if (config.aligned_pointers and kind.startswith("*")) or name in config.aligned_ints]
+    attrs = {(config.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible} or None
     source = ASTSource(fn=config.kernel, signature=config.signature, constexprs=config.constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages, **config.options})
