@@ -16,14 +16,27 @@ Run it with ``fastdiff bench`` (table, Markdown report, plot), or directly:
 * ``--time-budget S``: a case that would start more than S seconds after the session began is
   skipped, with that reason, and the cases that ran keep their results: a run that must fit a
   fixed slot of GPU time (see gpu_session.sh) ends on time with a report instead of being killed.
+* ``--case-log PATH``: one JSON line per finished case (its extra_info), per skip and for the
+  session (env, versions, ceilings), each flushed to disk as it is written. pytest-benchmark writes
+  its JSON only when the session ends, so a run killed before then leaves only this file;
+  ``fastdiff bench --from-json`` builds the report from it.
+* SIGINT and SIGTERM stop the run after the case in progress: pytest ends as after Ctrl-C (exit
+  code 2) and still writes the JSON of the cases that finished. The handler only sets a flag:
+  SIGINT's default KeyboardInterrupt can be raised inside a weakref finaliser, where Python prints
+  and drops it, and a run went on that way. A second signal raises KeyboardInterrupt at once.
 * The JSON gets a top-level ``fastdiff`` section: env, ceilings, versions and every skipped case
   with its reason.
 """
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
+import json
+import os
 import platform
+import signal
+import threading
 
 import pytest
 import torch
@@ -34,6 +47,10 @@ _CEILINGS = pytest.StashKey[dict]()
 _DEADLINE = pytest.StashKey[float]()  # the harness.clock() reading after which no case starts (--time-budget)
 # Skipped cases and why, for the report. The logreport hook gets no config: module state, reset per session.
 _skips: list[dict] = []
+# What the signal handler and the config-less hooks reach: the per-case log's path, the session to
+# stop, the name of the signal that asked for the stop, and the handlers to restore.
+_run: dict = {"case_log": None, "session": None, "stop": None, "handlers": {}}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def pytest_addoption(parser):
@@ -45,6 +62,9 @@ def pytest_addoption(parser):
     group.addoption("--time-budget", type=float, default=None, metavar="S",
                     help="start no case later than S seconds into the session; the rest are skipped, with "
                          "that reason, and the cases that ran keep their results")
+    group.addoption("--case-log", default=None, metavar="PATH",
+                    help="write one JSON line per finished case, per skip and for the session to PATH, each "
+                         "flushed to disk at once: what a killed run leaves (fastdiff bench --from-json reads it)")
 
 
 def pytest_collect_file(file_path, parent):
@@ -62,13 +82,68 @@ def pytest_configure(config):
         if not budget > 0:
             raise pytest.UsageError(f"--time-budget must be a positive number of seconds, got {budget}")
         config.stash[_DEADLINE] = harness.clock() + budget
+    path = config.getoption("--case-log", None)
+    _run.update(case_log=path, session=None, stop=None)
+    if path is not None:
+        open(path, "w").close()  # this run's lines only
+    _install_stop_handlers()
+
+
+def pytest_unconfigure(config):
+    for signum, handler in _run["handlers"].items():
+        signal.signal(signum, handler)
+    _run["handlers"] = {}
+
+
+def pytest_sessionstart(session):
+    _run["session"] = session
+    _log_line({"session": _session_info(session.config), "when": datetime.datetime.now().isoformat()})
+
+
+# ----------------------------------------------------------------------------- stopping on a signal
+def _install_stop_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal.signal works in the main thread only (an embedding runner's worker: no handlers)
+    _run["handlers"] = {signum: signal.signal(signum, _request_stop) for signum in STOP_SIGNALS}
+
+
+def _request_stop(signum, frame):
+    """Stop after the case in progress; a second signal stops now."""
+    if _run["stop"] is not None:
+        raise KeyboardInterrupt
+    _run["stop"] = signal.Signals(signum).name
+    if _run["session"] is not None:  # pytest's loop checks this after each case and ends as on Ctrl-C
+        _run["session"].shouldstop = f"stopped by {_run['stop']}; the cases that finished keep their results"
 
 
 @pytest.hookimpl(tryfirst=True)  # before the case's fixtures are set up (models built, compiled)
 def pytest_runtest_setup(item):
+    if _run["stop"] is not None:
+        pytest.skip(f"stopped by {_run['stop']} before this case started")
     deadline = item.config.stash.get(_DEADLINE, None)
     if deadline is not None and harness.clock() > deadline:
         pytest.skip(f"--time-budget of {item.config.getoption('--time-budget'):g} s spent before this case started")
+
+
+# ----------------------------------------------------------------------------- the per-case log
+def _log_line(entry: dict) -> None:
+    """Append ``entry`` to --case-log as one JSON line, on disk before this returns (a SIGKILL may follow)."""
+    path = _run["case_log"]
+    if path is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(entry, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    benchmark = getattr(item, "funcargs", {}).get("benchmark")
+    if call.when == "call" and outcome.get_result().passed and benchmark is not None:
+        if "op" in benchmark.extra_info:  # Recorder.run filled it: a timed case, as load_results reads it
+            _log_line({"test": item.nodeid, "record": dict(benchmark.extra_info)})
 
 
 def _env(config) -> harness.Env:
@@ -90,6 +165,7 @@ def env(pytestconfig) -> harness.Env:
 def ceilings(pytestconfig, env) -> dict:
     """Measured before the first case runs: this also brings the GPU's clocks up."""
     pytestconfig.stash[_CEILINGS] = harness.measure_ceilings(env)
+    _log_line({"session": {"ceilings": pytestconfig.stash[_CEILINGS]}})
     return pytestconfig.stash[_CEILINGS]
 
 
@@ -102,6 +178,7 @@ def pytest_runtest_logreport(report):
     if report.skipped and isinstance(report.longrepr, tuple):
         reason = report.longrepr[2].removeprefix("Skipped: ")
         _skips.append({"test": report.nodeid, "reason": reason})
+        _log_line({"skipped": _skips[-1]})
 
 
 def _version(package: str) -> str | None:
@@ -111,12 +188,16 @@ def _version(package: str) -> str | None:
         return None
 
 
-def pytest_benchmark_update_json(config, benchmarks, output_json):
+def _session_info(config) -> dict:
+    """The JSON's ``fastdiff`` section without its skips: env, ceilings (once measured), versions."""
     env = _env(config)
-    output_json["fastdiff"] = {
+    return {
         "device": env.device, "gpu_name": env.gpu_name, "cpu_name": env.cpu_name, "quick": env.quick,
         "compile": env.compile, "tier": env.tier, "ceilings": config.stash.get(_CEILINGS, None),
         "cuda": torch.version.cuda, "python": platform.python_version(),
         "versions": {name: _version(name) for name in ("fastdiff", "torch", "triton", "diffusers", "nvidia-ml-py")},
-        "skipped": list(_skips),
     }
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["fastdiff"] = {**_session_info(config), "skipped": list(_skips)}

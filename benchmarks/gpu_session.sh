@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs. Written on a CPU machine: its GPU stages have not run yet.
+# What a session with a lent GPU runs. Written on a CPU machine: its GPU stages have not run yet
+# (tests/test_gpu_session.py runs the whole flow with fake commands).
 #
 # A session has about 15 minutes of device time, machine start included, and one call may run
 # 10 minutes. So the whole job is one call of one stage, `all`, inside a time budget:
@@ -7,44 +8,124 @@
 #   here, once:  bash benchmarks/gpu_session.sh wheels     # diffusers' wheels into .whl (git-ignored)
 #   device run:  command "bash benchmarks/gpu_session.sh all", carry [".whl"], timeout_s 600
 #
-# `all` (BUDGET seconds in all, default 575: a 600 s call with time to pack) runs, most important
-# first, each stage in what is left:
-#   1. pytest -m gpu: the GPU tests (CUDA graphs == eager, no host sync, kernels at real sizes);
-#   2. the op benchmarks, quick tier, without torch.compile peers: noising, both steps, attention,
-#      GroupNorm+SiLU (the goals compare them with the eager reference, SDPA and F.group_norm);
-#   3. DDIM-50 end to end at B = 256 in bf16 (the goal's case): fastdiff (eager, graphed,
+# The budget (BUDGET, default 570 s: the call's 600 less 30 for the last pack and the log) counts
+# from the script's start, setup included, and adds up (the script refuses caps that do not):
+#
+#   setup 40 (two pip installs, the version check) + stage caps 80 + 100 + 150 + 40 + 90 + 40 = 540,
+#   and the rest stage gets what is left: at least 30 s, more when setup was quicker.
+#
+# Stages, most important first, each capped at min(its cap, the budget left):
+#   1. pytest -m gpu (80 s): the GPU tests (CUDA graphs == eager, no host sync, kernels at real
+#      sizes), less the bench test that stage 2 repeats;
+#   2. the op benchmarks, quick tier, without torch.compile peers (100 s): noising, both steps,
+#      attention, GroupNorm+SiLU (the goals compare them with the eager reference, SDPA and F.group_norm);
+#   3. DDIM-50 end to end at B = 256 in bf16 (150 s; the goal's case): fastdiff (eager, graphed,
 #      graphed channels_last), the reference, diffusers and diffusers + torch.compile (when the
 #      wheels came along);
-#   4. step_overhead, quick tier: per-step overhead outside the U-Net with CUDA graphs;
-#   5. benchmarks/tune.py: candidate launch configs of the elementwise kernels, GroupNorm, attention;
-#   6. the kernel tests of the CPU suite (odd shapes and strides, every table entry), compiled;
+#   4. step_overhead, quick tier (40 s): per-step overhead outside the U-Net with CUDA graphs;
+#   5. benchmarks/tune.py (90 s): attention's launch configs first, then GroupNorm's, the elementwise kernels';
+#   6. the kernel tests of the CPU suite (40 s): odd shapes and strides, every table entry, compiled;
 #   7. with what time is left, the rest of the full tier (ops first, then end to end).
-# Stage caps (s): 90, 100, 170, 45, 100, 55, the rest; estimates: no stage has run on a GPU yet.
-# A broken setup (install, import) stops the script at once, leaving device time to fix and rerun.
-# Benchmark stages pass `fastdiff bench --time-budget`, so a stage that runs long skips its last
-# cases and still writes its JSON and report; `timeout` is the backstop. After every stage all
-# results are packed again into $OUT/gpu-results.tgz (the device tool returns at most 8 files),
-# beside the session log $OUT/gpu-session.log. Unpack into benchmarks/results/ and commit.
+# Caps are estimates: no stage has run on a GPU yet. BUDGET, SETUP_S, CAPS (six numbers, in stage
+# order) and GRACE can be set in the environment (the test runs `all` in seconds that way).
 #
-# Single stages, for a rerun: tests, kernel-tests, quick, tune, full [OP ...], end_to_end (step 3).
+# A stage of S seconds gets SIGINT at S - GRACE and SIGKILL at S (GRACE 10 s): no stage outlives
+# its cap. Benchmark stages also pass `--time-budget S - 2·GRACE`, so no case starts in the last
+# 2·GRACE seconds. On SIGINT `fastdiff bench` and tune.py stop after the case in progress and write
+# their results; a SIGKILL still leaves every finished case: `fastdiff bench` writes one JSON line
+# per case as it ends (<json stem>.jsonl), tune.py rewrites its JSON after every candidate. After
+# every stage all results are packed again into $OUT/gpu-results.tgz (the device tool returns at most
+# 8 files; $OUT holds this and the session log $OUT/gpu-session.log). Unpack into benchmarks/results/
+# and commit; `fastdiff bench --from-json X.json` rebuilds the report of a killed stage from X.jsonl.
+# A broken setup (install, import) stops the script at once, leaving device time to fix and rerun.
+#
+# Single stages, for a rerun, each capped by the budget: tests, kernel-tests, quick, tune,
+# full [OP ...], end_to_end (step 3).
 #
 # The GPU machine has torch, triton, pytest, pytest-benchmark, nvidia-ml-py, matplotlib,
 # safetensors, pillow, tqdm and huggingface_hub, but no diffusers: `wheels` downloads diffusers
 # (the version pyproject's test extra pins) and importlib_metadata, the only requirement it lacks.
 set -euo pipefail
+[[ -n ${EPOCHREALTIME:-} ]] || { echo "gpu_session.sh needs bash 5 (EPOCHREALTIME)" >&2; exit 2; }
 
-out=${OUT:-benchmarks/results}
-work=${GPU_SESSION_WORK:-/tmp/gpu-session}  # results before packing (not $OUT: 8 files come back)
-budget=${BUDGET:-575}
-start=$SECONDS
+start=${EPOCHREALTIME/[.,]/}  # microseconds (bash 5): $SECONDS would round the time spent down by up to 1 s
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# resolved before the cd below, so that a relative OUT or GPU_SESSION_WORK means the caller's folder
+out=$(realpath -m "${OUT:-$root/benchmarks/results}")
+work=$(realpath -m "${GPU_SESSION_WORK:-/tmp/gpu-session}")  # results before packing (not $OUT: 8 files come back)
+cd "$root"
+export PYTHONUNBUFFERED=1  # a killed process keeps its last lines in the log: the ones that say why
+
+budget=${BUDGET:-570}
+setup_allowance=${SETUP_S:-40}
+grace=${GRACE:-10}
+stages=(tests ops-quick e2e overhead tune kernel-tests)
+read -r -a caps <<<"${CAPS:-80 100 150 40 90 40}"  # seconds, in the order of `stages`
 DIFFUSERS=diffusers==0.42.1  # as pyproject's test extra
+# tests/ benchmark test that runs `fastdiff bench --quick --no-compile --ops ddim_step attention`:
+# the op-bench stage runs those cases again, so the GPU-tests stage leaves it out
+REPEATED_BENCH_TEST=tests/test_bench.py::test_gpu_quick_run_records_the_kernels_with_cuda_events
 
-log() { printf '\n=== [%ss] %s\n' "$((SECONDS - start))" "$*"; }
-left() { echo $((budget - (SECONDS - start))); }
-cap() { local l; l=$(left); echo $((l < $1 ? l : $1)); }  # the time left, at most $1 seconds
+spent() {  # whole seconds since the start, a started second counted as spent
+    local now=${EPOCHREALTIME/[.,]/}
+    echo $(((now - start + 999999) / 1000000))
+}
+log() { printf '\n=== [%ss] %s\n' "$(spent)" "$*"; }
+die() {
+    echo "gpu_session.sh: $*" >&2
+    exit 2
+}
+left() {  # seconds of the budget left, never below 0
+    local l=$((budget - $(spent)))
+    echo $((l > 0 ? l : 0))
+}
+cap() {  # the time left, at most $1 seconds (no $1: all of it)
+    local l c
+    l=$(left)
+    c=${1:-$l}
+    echo $((l < c ? l : c))
+}
 # results are named by date and GPU, e.g. bench-2026-11-25-nvidia-h100-80gb-hbm3-quick.json
 stem() { echo "bench-$(date +%F)-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-')"; }
-pack() { tar -czf "$out/gpu-results.tgz.tmp" -C "$work" . && mv "$out/gpu-results.tgz.tmp" "$out/gpu-results.tgz"; }
+
+# pack: $work into $OUT/gpu-results.tgz. Never fails: under set -e a failed tar would end the
+# session and lose every stage after it; the last good pack stays.
+pack() {
+    local err
+    if err=$(tar -czf "$out/gpu-results.tgz.tmp" -C "$work" . 2>&1); then
+        mv -f "$out/gpu-results.tgz.tmp" "$out/gpu-results.tgz" || log "pack: mv failed; the previous pack stays"
+    else
+        rm -f "$out/gpu-results.tgz.tmp"
+        log "pack: tar failed; the previous pack stays: $err"
+    fi
+}
+
+# check_arguments STAGE...: known stages, whole seconds in BUDGET, SETUP_S, GRACE and CAPS; before
+# setup, so that a typo costs no device time
+check_arguments() {
+    local value
+    if [[ ${1:-all} != full ]]; then
+        for value in "${@:-all}"; do
+            [[ $value =~ ^(all|tests|kernel-tests|quick|tune|end_to_end)$ ]] ||
+                die "unknown stage $value (wheels, all, tests, kernel-tests, quick, tune, full [OP ...], end_to_end)"
+        done
+    fi
+    for value in "$budget" "$setup_allowance" "$grace" "${caps[@]}"; do
+        [[ $value =~ ^(0|[1-9][0-9]*)$ ]] || die "BUDGET, SETUP_S, GRACE and CAPS must be whole seconds; got '$value'"
+    done
+    ((${#caps[@]} == ${#stages[@]})) || die "CAPS must give ${#stages[@]} caps (${stages[*]}); got '${caps[*]}'"
+}
+
+# check_budget: setup + all's stage caps fit the budget; logs the sums
+check_budget() {
+    local total=$setup_allowance sums="setup $setup_allowance" i
+    for i in "${!stages[@]}"; do
+        total=$((total + caps[i]))
+        sums+=" + ${stages[i]} ${caps[i]}"
+    done
+    ((total <= budget)) || die "setup + stage caps = ${total}s exceed BUDGET=${budget}s ($sums)"
+    log "budget ${budget}s = $sums + rest $((budget - total)) (the rest also gets what setup leaves)"
+}
 
 wheels() {  # on this (networked) machine: what the GPU machine lacks for the diffusers providers
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >>.git/info/exclude
@@ -66,6 +147,7 @@ setup() {
     python3 -c "import importlib.util, torch, triton, fastdiff; print('torch', torch.__version__, 'triton', triton.__version__,
 'fastdiff', fastdiff.__version__, 'diffusers', importlib.util.find_spec('diffusers') is not None,
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" | tee -a "$work/gpu.txt"
+    log "setup took $(spent)s of its ${setup_allowance}s"
 }
 
 # too_little NAME SECONDS MIN: say so and succeed when SECONDS < MIN (`timeout 0` would mean no limit)
@@ -77,70 +159,94 @@ too_little() {
     return 1
 }
 
-# bench NAME SECONDS ARGS...: fastdiff bench into $work/<stem>-NAME.json, inside SECONDS
+# staged NAME SECONDS CMD...: CMD, its output in the session log and $work/NAME.log, with SIGINT
+# at SECONDS - grace and SIGKILL at SECONDS (timeout signals CMD's whole process group)
+staged() {
+    local name=$1 seconds=$2 rc=0
+    shift 2
+    log "$* (SIGINT at $((seconds - grace))s, SIGKILL at ${seconds}s)"
+    timeout -s INT -k "$grace" "$((seconds - grace))" "$@" 2>&1 | tee "$work/$name.log" || rc=$?
+    case $rc in
+    0) ;;
+    124) log "$name: stopped by SIGINT at $((seconds - grace))s" ;;
+    137) log "$name: killed at ${seconds}s; what it wrote before stays" ;;
+    *) log "$name: exit $rc" ;;
+    esac
+}
+
+# bench NAME SECONDS ARGS...: fastdiff bench into $work/<stem>-NAME.json (and .jsonl, .md, .png), inside SECONDS
 bench() {
     local name=$1 seconds=$2
     shift 2
-    too_little "bench $name" "$seconds" 30 && return 0
-    log "fastdiff bench $* (--time-budget $((seconds - 20)), stopped at ${seconds}s)"
-    timeout -s INT -k 15 "$seconds" python3 -m fastdiff bench "$@" --time-budget "$((seconds - 20))" \
-        --json "$work/$(stem)-$name.json" 2>&1 | tee "$work/bench-$name.log" || echo "bench $name: exit $?"
+    too_little "bench $name" "$seconds" $((3 * grace)) && return 0
+    staged "bench-$name" "$seconds" python3 -m fastdiff bench "$@" --time-budget "$((seconds - 2 * grace))" \
+        --json "$work/$(stem)-$name.json"
 }
 
 # run_tests NAME SECONDS PYTEST-ARGS...: pytest into $work/NAME.{log,xml}, inside SECONDS
 run_tests() {
     local name=$1 seconds=$2
     shift 2
-    too_little "pytest $name" "$seconds" 20 && return 0
+    too_little "pytest $name" "$seconds" $((2 * grace)) && return 0
     # pytest-xdist, where installed (the GPU image has it): Triton compiles in 4 processes, not 1
     local parallel=()
     python3 -c "import xdist" 2>/dev/null && parallel=(-n 4 --dist loadfile)
-    log "pytest $* ${parallel[*]} (stopped at ${seconds}s)"
-    timeout -s INT -k 15 "$seconds" python3 -m pytest "$@" "${parallel[@]}" -q -rs -p no:cacheprovider \
-        --junitxml="$work/$name.xml" 2>&1 | tee "$work/$name.log" || echo "pytest $name: exit $?"
+    staged "$name" "$seconds" python3 -m pytest "$@" "${parallel[@]}" -q -rs -p no:cacheprovider \
+        --junitxml="$work/$name.xml"
 }
 
+tune() {
+    local seconds=$1
+    too_little tune "$seconds" $((3 * grace)) && return 0
+    staged tune "$seconds" python3 benchmarks/tune.py --time-budget "$((seconds - 2 * grace))" \
+        --json "$work/$(stem | sed 's/^bench-/tune-/').json"
+}
+
+# run_stage STAGE [SECONDS | OP ...]: one stage, inside SECONDS (default: the budget left)
 run_stage() {
     local stage=$1
     shift
     case $stage in
-    tests) run_tests gpu-tests "${1:-900}" -m gpu ;;
+    tests) run_tests gpu-tests "$(cap "${1:-}")" -m gpu --deselect "$REPEATED_BENCH_TEST" ;;
     kernel-tests)  # the CPU suite's kernel tests (odd shapes, strides, every table entry), compiled for this GPU
-        run_tests kernel-tests "${1:-900}" -m "not gpu" tests/test_kernel_attention.py tests/test_kernel_group_norm.py \
-            tests/test_kernel_q_sample.py tests/test_kernel_scheduler_step.py
+        run_tests kernel-tests "$(cap "${1:-}")" -m "not gpu" tests/test_kernel_attention.py \
+            tests/test_kernel_group_norm.py tests/test_kernel_q_sample.py tests/test_kernel_scheduler_step.py
         ;;
-    quick) bench quick "${1:-900}" --quick ;;
-    tune)
-        local seconds=${1:-900}
-        too_little tune "$seconds" 30 && return 0
-        log "benchmarks/tune.py (--time-budget $((seconds - 15)), stopped at ${seconds}s)"
-        timeout -s INT -k 15 "$seconds" python3 benchmarks/tune.py --time-budget "$((seconds - 15))" \
-            --json "$work/$(stem | sed 's/^bench-/tune-/').json" 2>&1 | tee "$work/tune.log" || echo "tune: exit $?"
-        ;;
+    quick) bench quick "$(cap "${1:-}")" --quick ;;
+    tune) tune "$(cap "${1:-}")" ;;
     full)
         local name
         name=$(IFS=-; echo "$*")
-        if (($#)); then bench "full-$name" 900 --ops "$@"; else bench full 900; fi
+        if (($#)); then bench "full-$name" "$(cap)" --ops "$@"; else bench full "$(cap)"; fi
         ;;
     end_to_end)  # the goal's providers first; torch_peer's compile and diffusers_fastdiff come in `rest`
-        bench e2e-B256-bf16 "${1:-900}" --ops end_to_end -k "B256 and bf16 and not torch_peer and not diffusers_fastdiff"
+        bench e2e-B256-bf16 "$(cap "${1:-}")" --ops end_to_end \
+            -k "B256 and bf16 and not torch_peer and not diffusers_fastdiff"
         ;;
     all)
-        run_stage tests "$(cap 90)"; pack
-        bench ops-quick "$(cap 100)" --quick --no-compile --ops q_sample ddim_step ddpm_step attention group_norm; pack
-        run_stage end_to_end "$(cap 170)"; pack
-        bench overhead-quick "$(cap 45)" --quick --ops step_overhead; pack
-        run_stage tune "$(cap 100)"; pack
-        run_stage kernel-tests "$(cap 55)"; pack
+        run_stage tests "${caps[0]}"; pack
+        bench ops-quick "$(cap "${caps[1]}")" --quick --no-compile --ops q_sample ddim_step ddpm_step attention \
+            group_norm; pack
+        run_stage end_to_end "${caps[2]}"; pack
+        bench overhead-quick "$(cap "${caps[3]}")" --quick --ops step_overhead; pack
+        run_stage tune "${caps[4]}"; pack
+        run_stage kernel-tests "${caps[5]}"; pack
         bench rest "$(left)" --ops q_sample ddim_step ddpm_step attention group_norm end_to_end \
-            -k "not (B256 and bf16) or torch_peer or diffusers_fastdiff"; pack
-        log "done"
+            -k "not (B256 and bf16) or torch_peer or diffusers_fastdiff"
         ;;
-    *)
-        echo "unknown stage $stage (wheels, all, tests, kernel-tests, quick, tune, full [OP ...], end_to_end)" >&2
-        exit 2
-        ;;
+    *) die "unknown stage $stage" ;;
     esac
+}
+
+main() {
+    check_arguments "$@"
+    if [[ " ${*:-all} " == *" all "* ]]; then check_budget; fi
+    setup
+    case ${1:-all} in
+    full) run_stage "$@"; pack ;;
+    *) for stage in "${@:-all}"; do run_stage "$stage"; pack; done ;;
+    esac
+    log "done: $out/gpu-results.tgz and this log"
 }
 
 if [[ ${1:-} == wheels ]]; then
@@ -148,10 +254,6 @@ if [[ ${1:-} == wheels ]]; then
     exit
 fi
 mkdir -p "$out"
-exec > >(tee -a "$out/gpu-session.log") 2>&1  # everything below: on the terminal and in the log
-setup
-case ${1:-all} in
-full) run_stage "$@" ;;
-*) for stage in "${@:-all}"; do run_stage "$stage"; done ;;
-esac
-pack
+# everything on the terminal and in the log; a pipeline, not `exec > >(tee ...)`, so that the script
+# waits for tee and the log's last lines are on disk before the device tool collects $OUT
+main "$@" 2>&1 | tee -a "$out/gpu-session.log"

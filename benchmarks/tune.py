@@ -17,7 +17,12 @@ the split path's statistics). The attention and GroupNorm candidates were vetted
 ``python -m fastdiff.kernels.aot`` on a CPU machine: none spills on sm_90 under Triton 3.6 or 3.9,
 and each attention candidate uses HGMMA.
 
-``--smoke`` (what tests/test_bench.py runs) checks every candidate under Triton's interpreter at
+Attention is swept first: its tables have never been timed and have the most to gain, so it must
+not be what a spent --time-budget cuts. ``--json`` is rewritten after every candidate, and SIGINT
+or SIGTERM (gpu_session.sh's timeout) ends the sweep after the candidate in progress, the rest
+marked as skipped: a stopped or killed sweep keeps what it timed.
+
+``--smoke`` (what tests/test_tune.py runs) checks every candidate under Triton's interpreter at
 tiny sizes and times nothing: a candidate that computes a wrong result fails there first.
 """
 
@@ -29,6 +34,7 @@ import datetime
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -43,6 +49,7 @@ import harness  # noqa: E402
 
 import fastdiff  # noqa: E402
 from fastdiff import ops  # noqa: E402
+from fastdiff.io import atomic_write  # noqa: E402
 
 ELEMENTWISE_CANDIDATES = [(block, warps, 1) for block in (512, 1024, 2048, 4096) for warps in (4, 8)]
 GROUP_NORM_CANDIDATES = [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]  # (BLOCK_LARGE, WARPS_LARGE)
@@ -52,16 +59,18 @@ ATTENTION_CANDIDATES = {  # padded head dim -> (BLOCK_M, BLOCK_N, num_warps, num
     64: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 4, 3), (64, 128, 8, 3), (128, 32, 4, 3),
          (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)],
 }
-# (op, shape, dtype): the goals' cases, in sweep order (cheapest compiles first). Elementwise: 64M
-# elements (256 MB in fp32); attention: the DDPM CIFAR-10 U-Net's (N = 256, D = 256) at B = 128, and
-# a 64×64 latent map's (N = 4096, D = 64).
+# (op, shape, dtype): the goals' cases, in sweep order: most to gain first (attention's and
+# GroupNorm's tables were chosen from compile reports, never timed; the elementwise kernels are
+# copy-bound, where a block size should matter least). Attention: the DDPM CIFAR-10 U-Net's
+# (N = 256, D = 256) at B = 128, and a 64×64 latent map's (N = 4096, D = 64); elementwise: 64M
+# elements (256 MB in fp32).
 CASES = {
-    "elementwise": [("q_sample", (256, 4, 256, 256), dtype) for dtype in ("fp32", "bf16")]
-                   + [("ddim_step", (256, 4, 256, 256), dtype) for dtype in ("fp32", "bf16")],
+    "attention": [("attention", (128, 1, 256, 256), "bf16"), ("attention", (4, 8, 4096, 64), "bf16")],
     # the CIFAR-10 U-Net's 32×32 level at B = 128, and a 64×64 latent U-Net's first level (21M elements)
     "group_norm": [("group_norm", (128, 128, 32, 32), dtype) for dtype in ("fp32", "bf16")]
                   + [("group_norm", (16, 320, 64, 64), "bf16")],
-    "attention": [("attention", (128, 1, 256, 256), "bf16"), ("attention", (4, 8, 4096, 64), "bf16")],
+    "elementwise": [("q_sample", (256, 4, 256, 256), dtype) for dtype in ("fp32", "bf16")]
+                   + [("ddim_step", (256, 4, 256, 256), dtype) for dtype in ("fp32", "bf16")],
 }
 GROUPS = 32  # the U-Net's norm_num_groups (fewer when there are fewer channels: the smoke shape)
 SMOKE_SHAPES = {"q_sample": (2, 3, 17, 19), "ddim_step": (2, 3, 17, 19), "attention": (1, 2, 70, None),
@@ -148,9 +157,42 @@ def chooser(op: str, shape: tuple, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------- the sweep
-def sweep(ops_wanted: list[str], smoke: bool, deadline: float | None, ceilings: dict | None) -> list[dict]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    records, seen = [], set()
+_stop: dict = {"by": None}  # the signal that asked the sweep to stop (set by the handler, read between candidates)
+
+
+def _request_stop(signum, frame):
+    """Stop after the candidate in progress; a second signal stops now."""
+    if _stop["by"] is not None:
+        raise KeyboardInterrupt
+    _stop["by"] = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM set a flag that ``sweep`` reads between candidates, instead of raising a
+    KeyboardInterrupt wherever Python happens to be (in a weakref finaliser it is printed and
+    dropped, and the run goes on until the SIGKILL). The old handlers come back on exit."""
+    _stop["by"] = None
+    old = {signum: signal.signal(signum, _request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
+def why_not(deadline: float | None) -> str | None:
+    """Why the next candidate must not start: a signal, a spent --time-budget, or None."""
+    if _stop["by"] is not None:
+        return f"stopped by {_stop['by']}"
+    if deadline is not None and harness.clock() > deadline:
+        return "--time-budget spent"
+    return None
+
+
+def planned(ops_wanted: list[str], smoke: bool):
+    """(op, shape, dtype name) of every case of ``ops_wanted``, in order; ``smoke``: at the tiny sizes."""
+    seen = set()
     for group in ops_wanted:
         for op, shape, dtype_name in CASES[group]:
             if smoke:
@@ -158,42 +200,64 @@ def sweep(ops_wanted: list[str], smoke: bool, deadline: float | None, ceilings: 
                 if (op, shape, dtype_name) in seen:  # two cases that shrink to one smoke shape
                     continue
                 seen.add((op, shape, dtype_name))
-            dtype = harness.DTYPES[dtype_name]
-            call, cost = make_case(op, shape, dtype, device)
-            with fastdiff.use_backend("torch"):
-                expected = call()
-            shipped, candidates, use = chooser(op, shape, dtype)
-            case = {"op": op, "shape": harness.fmt_shape(shape), "dtype": dtype_name, "shipped": list(shipped),
-                    "bytes": cost.bytes, "flops": cost.flops, "results": []}
-            records.append(case)
-            for candidate in candidates:
-                result = {"config": list(candidate)}
-                case["results"].append(result)
-                if deadline is not None and harness.clock() > deadline:
-                    result["skipped"] = "--time-budget spent"
-                    continue
-                try:
-                    with use(candidate), fastdiff.use_backend("triton"):
-                        result["rel_err"] = harness.rel_err(call(), expected)
-                        if not smoke:
-                            timing = harness.timed(call, device, flush_l2=True)
-                            result["median_ms"] = timing.median_ms
-                except Exception as error:  # report every candidate: an illegal one must not end the sweep
-                    result["error"] = f"{type(error).__name__}: {error}"[:500]
-                    continue
-                result["ok"] = result["rel_err"] <= harness.TOLERANCE[dtype_name]
-                if "median_ms" in result:
-                    seconds = result["median_ms"] * 1e-3
-                    if op == "attention":
-                        result["tflops"] = cost.flops / seconds / 1e12
-                        peak = (ceilings or {}).get("matmul_tflops", {}).get(dtype_name)
-                        result["pct_ceiling"] = 100 * result["tflops"] / peak if peak else None
-                    else:
-                        result["gbps"] = cost.bytes / seconds / 1e9
-                        peak = (ceilings or {}).get("copy_gbps")
-                        result["pct_ceiling"] = 100 * result["gbps"] / peak if peak else None
-                print(format_result(case, result), flush=True)
+            yield op, shape, dtype_name
+
+
+def sweep(ops_wanted: list[str], smoke: bool, deadline: float | None, ceilings: dict | None,
+          save=None) -> list[dict]:
+    """Every candidate of every case of ``ops_wanted``, in order; ``save(records)`` after each one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    records = []
+    for op, shape, dtype_name in planned(ops_wanted, smoke):
+        dtype = harness.DTYPES[dtype_name]
+        shipped, candidates, use = chooser(op, shape, dtype)
+        case = {"op": op, "shape": harness.fmt_shape(shape), "dtype": dtype_name, "shipped": list(shipped),
+                "results": []}
+        records.append(case)
+        inputs = None  # made for the first candidate that runs: a case none reaches allocates nothing
+        for candidate in candidates:
+            result = {"config": list(candidate)}
+            case["results"].append(result)
+            reason = why_not(deadline)
+            if reason is not None:
+                result["skipped"] = reason
+                continue
+            if inputs is None:
+                call, cost = make_case(op, shape, dtype, device)
+                with fastdiff.use_backend("torch"):
+                    inputs = call, cost, call()
+                case.update(bytes=cost.bytes, flops=cost.flops)
+            try_candidate(result, case, inputs, use(candidate), device, smoke, ceilings)
+            print(format_result(case, result), flush=True)
+            if save is not None:
+                save(records)
     return records
+
+
+def try_candidate(result: dict, case: dict, inputs: tuple, chosen, device: str, smoke: bool,
+                  ceilings: dict | None) -> None:
+    """Check (and unless ``smoke``, time) one candidate into ``result``. ``inputs``: the case's call,
+    its cost and the reference's output; ``chosen``: the context that makes the launcher take the candidate."""
+    call, cost, expected = inputs
+    try:
+        with chosen, fastdiff.use_backend("triton"):
+            result["rel_err"] = harness.rel_err(call(), expected)
+            if not smoke:
+                result["median_ms"] = harness.timed(call, device, flush_l2=True).median_ms
+    except Exception as error:  # report every candidate: an illegal one must not end the sweep
+        result["error"] = f"{type(error).__name__}: {error}"[:500]
+        return
+    result["ok"] = result["rel_err"] <= harness.TOLERANCE[case["dtype"]]
+    if "median_ms" in result:
+        seconds = result["median_ms"] * 1e-3
+        if case["op"] == "attention":
+            result["tflops"] = cost.flops / seconds / 1e12
+            peak = (ceilings or {}).get("matmul_tflops", {}).get(case["dtype"])
+            result["pct_ceiling"] = 100 * result["tflops"] / peak if peak else None
+        else:
+            result["gbps"] = cost.bytes / seconds / 1e9
+            peak = (ceilings or {}).get("copy_gbps")
+            result["pct_ceiling"] = 100 * result["gbps"] / peak if peak else None
 
 
 def format_result(case: dict, result: dict) -> str:
@@ -214,8 +278,8 @@ def format_result(case: dict, result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", nargs="+", choices=list(CASES), default=list(CASES),
-                        help="kernel groups, swept in this order (default: all, cheapest compiles first)")
-    parser.add_argument("--json", type=Path, default=None, help="where to write every number")
+                        help="kernel groups, swept in this order (default: all, most to gain first)")
+    parser.add_argument("--json", type=Path, default=None, help="where to write every number (after every candidate)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="S",
                         help="start no candidate later than S seconds after the start")
     parser.add_argument("--smoke", action="store_true", help="no GPU needed: the interpreter, tiny sizes, no timing")
@@ -224,23 +288,36 @@ def main(argv: list[str] | None = None) -> int:
     if not (on_gpu or args.smoke):
         parser.error("timing configurations needs a CUDA GPU; --smoke checks the candidates under the interpreter")
     smoke = args.smoke and not on_gpu
-    deadline = None if args.time_budget is None else harness.clock() + args.time_budget
-    ceilings = None if smoke else harness.measure_ceilings(harness.detect_env(quick=False, compile=False))
-    records = sweep(args.ops, smoke, deadline, ceilings)
-    if args.json is not None:
-        import triton
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "when": datetime.datetime.now().isoformat(timespec="seconds"), "smoke": smoke,
-            "device": torch.cuda.get_device_name() if on_gpu else "cpu", "ceilings": ceilings,
-            "versions": {"torch": torch.__version__, "triton": triton.__version__, "fastdiff": fastdiff.__version__},
-            "cases": records}, indent=1))
+    with stop_on_signals():
+        deadline = None if args.time_budget is None else harness.clock() + args.time_budget
+        ceilings = None if smoke else harness.measure_ceilings(harness.detect_env(quick=False, compile=False))
+        save = None if args.json is None else json_writer(args.json, smoke, on_gpu, ceilings)
+        records = sweep(args.ops, smoke, deadline, ceilings, save)
+        if save is not None:
+            save(records)  # also when no candidate ran
     wrong = [(c["op"], c["shape"], c["dtype"], r["config"]) for c in records for r in c["results"]
              if "error" in r or r.get("ok") is False]
     if wrong:
         print(f"tune: {len(wrong)} candidate(s) failed or computed a wrong result: {wrong}", flush=True)
-    return 1 if wrong else 0
+    stopped = sum(r.get("skipped", "").startswith("stopped by") for c in records for r in c["results"])
+    if stopped:
+        print(f"tune: {_stop['by']}: {stopped} candidate(s) not run; the JSON has those that ran", flush=True)
+    return 1 if wrong else 2 if stopped else 0
+
+
+def json_writer(path: Path, smoke: bool, on_gpu: bool, ceilings: dict | None):
+    """``save(records)``: the whole JSON rewritten atomically, so a kill leaves the last complete one."""
+    import triton
+
+    head = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "smoke": smoke,
+            "device": torch.cuda.get_device_name() if on_gpu else "cpu", "ceilings": ceilings,
+            "versions": {"torch": torch.__version__, "triton": triton.__version__, "fastdiff": fastdiff.__version__}}
+
+    def save(records: list[dict]) -> None:
+        text = json.dumps({**head, "cases": records}, indent=1)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+    return save
 
 
 if __name__ == "__main__":

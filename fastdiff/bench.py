@@ -17,6 +17,10 @@ Reading the tables:
 ``cuda_graph=True`` against the U-Net's own graph replayed as many times, and the share of the step
 that is not the U-Net (the goal: under 2%).
 
+Besides the JSON the suite writes a per-case log (``<json stem>.jsonl``, benchmarks/conftest.py's
+``--case-log``): one line per case as it finishes. A run killed before pytest-benchmark wrote its
+JSON (it does so only when the session ends) still has that log, and the report is built from it.
+
 Without a CUDA GPU the suite runs its CPU cases only: small shapes, fp32, the reference against
 PyTorch's own ops and torch.compile. The Triton provider is skipped there (under Triton's CPU
 interpreter its timings would mean nothing), and so is everything that needs CUDA graphs: the
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import re
@@ -40,6 +45,10 @@ PROVIDERS = ("fastdiff", "fastdiff_graph", "fastdiff_graph_cl", "reference", "to
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks"  # in a checkout: <repo>/benchmarks
 PYTEST_INTERRUPTED = 2  # pytest's exit code after Ctrl-C (or SIGINT from `timeout -s INT`)
 PYTEST_NO_TESTS = 5  # pytest's exit code when nothing was collected
+# module -> its pip name: what a run needs (the suite runs under pytest-benchmark) and what the
+# report needs (the plot), checked before any case runs rather than after the whole suite did
+RUN_NEEDS = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark"}
+REPORT_NEEDS = {"matplotlib": "matplotlib"}
 OVERHEAD_NOTE = ("Per DDIM step: a sampling run with `cuda_graph=True`, and the U-Net alone in its own CUDA graph "
                  "replayed as many times; % overhead = (step − U-Net) / step, everything a step does besides the "
                  "U-Net (goal: under 2%).")
@@ -54,20 +63,56 @@ class Results:
     session: dict = field(default_factory=dict)  # the suite's "fastdiff" section: env, ceilings, skips
     commit: dict = field(default_factory=dict)
     when: str = ""
+    partial: str = ""  # why these may not be all the run's cases (read from the per-case log of a killed run)
 
     def ops(self) -> list[str]:
         seen = {r["op"] for r in self.records}
         return [op for op in OPS if op in seen] + sorted(seen - set(OPS))
 
 
+def case_log_path(json_path: str | Path) -> Path:
+    """The per-case log written beside a run's JSON: results/bench-....jsonl."""
+    return Path(json_path).with_suffix(".jsonl")
+
+
 def load_results(path: str | Path) -> Results:
-    """Read a pytest-benchmark JSON written by the suite."""
+    """Read a pytest-benchmark JSON written by the suite, or the per-case log (``.jsonl``) of a run.
+    A JSON that is missing or empty, when its log has cases, is a killed run: the log is read."""
     path = Path(path)
+    if path.suffix == ".jsonl":
+        return load_case_log(path)
     if not path.is_file() or not path.read_text().strip():
+        if case_log_path(path).is_file():
+            return load_case_log(case_log_path(path))
         raise ValueError(f"no benchmark results in {path}: no case ran (every one skipped, failed or deselected)")
     data = json.loads(path.read_text())
     records = [b["extra_info"] for b in data.get("benchmarks", []) if "op" in b.get("extra_info", {})]
     return Results(records, data.get("fastdiff", {}), data.get("commit_info") or {}, data.get("datetime", ""))
+
+
+def load_case_log(path: str | Path) -> Results:
+    """Read the suite's per-case log: JSON lines {"session": {...}} (merged in order), {"record":
+    extra_info} per finished case, {"skipped": {"test", "reason"}} per skip. A line that does not
+    parse is the one a SIGKILL cut short, and is left out."""
+    path = Path(path)
+    records, session, skipped, when = [], {}, [], ""
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        session.update(entry.get("session", {}))
+        when = entry.get("when", when)
+        if "record" in entry:
+            records.append(entry["record"])
+        if "skipped" in entry:
+            skipped.append(entry["skipped"])
+    if not records:
+        raise ValueError(f"no benchmark results in {path}: no case finished (every one skipped, failed or "
+                         "deselected, or the run ended before the first)")
+    partial = (f"from the per-case log {path.name}: the {len(records)} case(s) that finished (the run ended "
+               "before pytest-benchmark wrote its JSON: killed?)")
+    return Results(records, {**session, "skipped": skipped}, {}, when, partial)
 
 
 def subject(records: list[dict]) -> str:
@@ -200,11 +245,12 @@ def machine_rows(results: Results) -> list[tuple[str, str]]:
     run = ("quick" if s.get("quick") else "full") if s.get("gpu_name") else "CPU cases"
     commit = (results.commit.get("id") or "?")[:10] + (" (dirty)" if results.commit.get("dirty") else "")
     versions = ", ".join(f"{k} {v}" for k, v in s.get("versions", {}).items() if v)
-    return [("device", device),
+    rows = [("device", device),
             ("run", f"{run}; torch.compile providers {'on' if s.get('compile', True) else 'off'}; commit {commit}"),
             ("versions", f"{versions} (Python {s.get('python', '?')})"),
             ("ceilings", ceilings_line(s).removeprefix("ceilings: ")),
             ("telemetry", telemetry_line(results.records))]
+    return rows + ([("results", results.partial)] if results.partial else [])
 
 
 def report_markdown(results: Results, plot_name: str) -> str:
@@ -355,6 +401,19 @@ def default_json_path(results_dir: Path, device: str, quick: bool, today: dateti
     return path
 
 
+def require(modules: dict[str, str], purpose: str) -> None:
+    """ImportError naming what is missing and the pip command, unless every module imports."""
+    missing = []
+    for module, package in modules.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise ImportError(f"fastdiff bench needs {' and '.join(missing)} {purpose}: pip install {' '.join(missing)} "
+                          "(or pip install -e '.[bench]')")
+
+
 def find_suite(suite: Path) -> Path:
     """The benchmarks folder, or a ValueError saying where it was looked for and how to get it."""
     if suite.is_dir() and (suite / "conftest.py").is_file() and any(suite.glob("bench_*.py")):
@@ -369,21 +428,16 @@ def pytest_arguments(suite: Path, ops: list[str], json_path: Path, quick: bool, 
     disables them for the test suite), the JSON where we want it, no cache folder written."""
     files = [str(suite / f"bench_{op}.py") for op in ops]
     return [*files, "-q", "-p", "no:cacheprovider", "--benchmark-enable", f"--benchmark-json={json_path}",
-            "--benchmark-columns=median,rounds", "--benchmark-sort=fullname",
+            f"--case-log={case_log_path(json_path)}", "--benchmark-columns=median,rounds", "--benchmark-sort=fullname",
             *(["--quick"] if quick else []), *(["--no-compile"] if no_compile else []),
             *(["-k", keyword] if keyword else []), *([f"--time-budget={time_budget:g}"] if time_budget else [])]
 
 
 def run_suite(args: argparse.Namespace) -> tuple[Path, int]:
     """Run the suite in this process; returns the JSON path and pytest's exit code."""
+    import pytest
     import torch
 
-    try:
-        import pytest
-        import pytest_benchmark  # noqa: F401 - the suite's plugin
-    except ImportError as err:
-        raise ImportError(f"fastdiff bench needs pytest and pytest-benchmark: "
-                          f"pip install 'fastdiff[bench]' ({err})") from err
     suite, ops = find_suite(args.suite), parse_ops(args.ops)
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
@@ -391,7 +445,8 @@ def run_suite(args: argparse.Namespace) -> tuple[Path, int]:
     device = torch.cuda.get_device_name() if on_gpu else "cpu"
     json_path = args.json or default_json_path(suite / "results", device, args.quick and on_gpu)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.unlink(missing_ok=True)  # a stale file must not pass for this run's results
+    for stale in (json_path, case_log_path(json_path)):  # an earlier run's file must not pass for this run's
+        stale.unlink(missing_ok=True)
     if not on_gpu:
         print("fastdiff bench: no CUDA GPU. Running the CPU cases only (small shapes, fp32: the reference "
               "against PyTorch's own ops and torch.compile); the fastdiff (Triton) provider is skipped, since "
@@ -404,19 +459,33 @@ def run_suite(args: argparse.Namespace) -> tuple[Path, int]:
     return json_path, int(code)
 
 
+def has_results(json_path: Path) -> bool:
+    """Whether a run left results: its JSON, or a finished case in its per-case log."""
+    if json_path.is_file() and json_path.stat().st_size:
+        return True
+    try:
+        return bool(load_case_log(case_log_path(json_path)).records)
+    except (OSError, ValueError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     """``fastdiff bench``: run (or, with --from-json, reread) the suite; print tables; write the report."""
     if args.from_json is not None:
+        require(REPORT_NEEDS, "to write the report's plot")
         json_path, code = args.from_json, 0
     else:
+        require({**RUN_NEEDS, **REPORT_NEEDS}, "to run the suite and plot its report")
         json_path, code = run_suite(args)
-        if code == PYTEST_INTERRUPTED and json_path.is_file() and json_path.stat().st_size:
-            # Ctrl-C or a timeout's SIGINT: pytest-benchmark still wrote the cases that finished
+        if code == PYTEST_INTERRUPTED and has_results(json_path):
+            # Ctrl-C, SIGINT or SIGTERM: the cases that finished are in the JSON (or at least the per-case log)
             print("fastdiff bench: interrupted; the report covers the cases that finished", flush=True)
         elif code not in (0, 1):  # 1: some case failed, the others still have results
             raise RuntimeError(f"the benchmark run stopped (pytest exit code {code}"
                                f"{': no case collected' if code == PYTEST_NO_TESTS else ''}); see its output above")
     results = load_results(json_path)
+    if results.partial:
+        print(f"fastdiff bench: the report is built {results.partial}", flush=True)
     md, png = write_report(results, json_path)
     print(f"\nfastdiff bench: medians per call (CUDA events on a GPU; pytest-benchmark's table above, if any, "
           f"is its own few host-clock rounds)\n{device_line(results.session)}\n{ceilings_line(results.session)}\n"

@@ -12,9 +12,12 @@ import importlib.util
 import io
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -150,6 +153,9 @@ def test_ops_filters_the_run(tmp_path):
     assert {r["op"] for r in records} == {"attention", "group_norm"}
     assert parse_tables(out)[0][1][2:] == ["ms reference", "ms torch_peer", "reference vs torch_peer",
                                                         "reference % of ceiling"]
+    logged = bench.load_case_log(bench.case_log_path(path))  # the same cases, one JSON line each
+    assert sorted(map(json.dumps, logged.records)) == sorted(map(json.dumps, records))
+    assert logged.session["ceilings"] == bench.load_results(path).session["ceilings"]
 
 
 @cpu_only
@@ -189,54 +195,145 @@ def test_an_interrupted_run_still_reports_the_cases_that_finished(quick_run, tmp
         run_bench("--json", str(path))
 
 
-class LaunchSpy:
-    """Stands in for a @triton.jit kernel: records the named launch options, then launches."""
-
-    def __init__(self, kernel, keys, launched):
-        self.kernel, self.keys, self.launched = kernel, keys, launched
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def run(*args, **kwargs):
-            self.launched.append(tuple(kwargs[key] for key in self.keys))
-            return launch(*args, **kwargs)
-
-        return run
-
-
 @cpu_only
-def test_tune_smoke_launches_and_checks_every_candidate(tmp_path, monkeypatch, request):
-    """benchmarks/tune.py --smoke: each candidate reaches the kernel launch (not the shipped config)
-    and computes the reference's result; a spent --time-budget skips the candidates."""
-    tune = suite_module("tune")
-    attention, q_sample, group_norm = tune.kernels("attention"), tune.kernels("q_sample"), tune.kernels("group_norm")
-    launched = {"attention": [], "q_sample": [], "group_norm": [], "stats": []}
-    for module, name, keys, log in (
-            (attention, "_attention_fwd_kernel", ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), "attention"),
-            (q_sample, "_q_sample_kernel", ("BLOCK", "num_warps", "num_stages"), "q_sample"),
-            (group_norm, "_group_norm_kernel", ("BLOCK", "num_warps"), "group_norm"),
-            (group_norm, "_group_norm_stats_kernel", ("BLOCK", "num_warps"), "stats")):
-        monkeypatch.setattr(module, name, LaunchSpy(getattr(module, name), keys, launched[log]))
-    # the launchers' cached KernelConfigs hold the kernel object: none may keep a spy after this test
-    caches = [q_sample._config, group_norm._main_config, group_norm._stats_config]
-    request.addfinalizer(lambda: [cache.cache_clear() for cache in caches])
-    for cache in caches:
-        cache.cache_clear()
-    records = tune.sweep(["attention", "elementwise", "group_norm"], smoke=True, deadline=None, ceilings=None)
-    assert [r["op"] for r in records] == ["attention"] * 2 + ["q_sample"] * 2 + ["ddim_step"] * 2 + ["group_norm"] * 2
-    assert all(r["ok"] and "median_ms" not in r for case in records for r in case["results"])
-    assert launched["attention"] == tune.ATTENTION_CANDIDATES[256] + tune.ATTENTION_CANDIDATES[64]
-    assert launched["q_sample"] == tune.ELEMENTWISE_CANDIDATES * 2  # fp32, bf16
-    # GroupNorm: the split path, so both kernels, each with the candidate's tile and warps
-    assert launched["group_norm"] == launched["stats"] == tune.GROUP_NORM_CANDIDATES * 2
-    assert records[0]["shipped"] in map(list, tune.ATTENTION_CANDIDATES[256])
-    assert (group_norm.BLOCK_LARGE, group_norm.WARPS_LARGE) == tuple(records[-1]["shipped"])  # restored
-    spent = tune.sweep(["elementwise"], smoke=True, deadline=-1.0, ceilings=None)
-    assert all(r == {"config": r["config"], "skipped": "--time-budget spent"} for c in spent for r in c["results"])
-    path = tmp_path / "tune.json"
-    assert tune.main(["--smoke", "--ops", "elementwise", "--json", str(path)]) == 0
-    assert json.loads(path.read_text())["smoke"] is True
+def test_sigint_stops_the_run_after_the_case_in_progress(tmp_path, monkeypatch):
+    """`timeout -s INT` in gpu_session.sh: the signal only asks for a stop, so the case it lands in
+    finishes, no other starts, pytest ends as after Ctrl-C (exit code 2) and its JSON still comes.
+    The suite's clock raises the signal when the first case starts (its second reading)."""
+    readings = iter(range(10_000))
+
+    def clock():
+        reading = next(readings)
+        if reading == 1:
+            signal.raise_signal(signal.SIGINT)
+        return reading
+
+    monkeypatch.setattr(suite_module("harness"), "clock", clock)
+    before = signal.getsignal(signal.SIGINT)
+    path = tmp_path / "int.json"
+    code, out = run_bench("--ops", "attention", "--no-compile", "-k", "reference", "--time-budget", "1000",
+                          "--json", str(path))
+    assert code == bench.PYTEST_INTERRUPTED and "stopped by SIGINT" in out
+    assert "interrupted; the report covers the cases that finished" in out
+    records = bench.load_results(path).records
+    assert [(r["op"], r["provider"]) for r in records] == [("attention", "reference")]  # the first case only
+    assert bench.load_case_log(bench.case_log_path(path)).records == records
+    assert signal.getsignal(signal.SIGINT) is before  # the suite's handler is gone with the run
+
+
+# A pytest plugin for the runs below: after the first case it sends this process STOP_WITH
+# (SIGTERM), or with STOP_WITH=hang it hangs, as a run stuck where a signal was lost does.
+STOP_AFTER_FIRST = """
+import os, signal, time
+
+done = []
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if done:
+        return
+    done.append(nodeid)
+    how = os.environ["STOP_WITH"]
+    if how == "hang":
+        time.sleep(600)
+    os.kill(os.getpid(), getattr(signal, how))
+"""
+
+
+@pytest.fixture(scope="module")
+def stopped_runs(tmp_path_factory):
+    """The suite's two CPU attention cases of the reference, run as `fastdiff bench` runs them, in
+    two processes at once: one gets SIGTERM after its first case, the other hangs after its first
+    case and is SIGKILLed once its per-case log holds that case."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    (tmp / "stop_after_first.py").write_text(STOP_AFTER_FIRST)
+    runs = {}
+    for how in ("SIGTERM", "hang"):
+        json_path = tmp / f"{how}.json"
+        args = bench.pytest_arguments(bench.SUITE, ["attention"], json_path, False, True, keyword="reference")
+        env = {**os.environ, "STOP_WITH": how,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp), os.environ.get("PYTHONPATH")]))}
+        process = subprocess.Popen([sys.executable, "-m", "pytest", *args, "-p", "stop_after_first"], cwd=ROOT,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        runs[how] = (process, json_path)
+    killed, killed_json = runs["hang"]
+    deadline = time.monotonic() + 120
+    while '"record"' not in read_or_empty(bench.case_log_path(killed_json)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    ended = {}
+    for how, (process, path) in runs.items():
+        out, _ = process.communicate(timeout=120)
+        ended[how] = process.returncode, out, path
+    return ended
+
+
+def read_or_empty(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+def test_sigterm_stops_the_run_after_the_case_in_progress(stopped_runs):
+    """As SIGINT does (above): a batch system's or a device tool's SIGTERM ends the run after the case
+    in progress with exit code 2, and pytest-benchmark's JSON still comes."""
+    code, out, path = stopped_runs["SIGTERM"]
+    assert code == bench.PYTEST_INTERRUPTED, out
+    assert "stopped by SIGTERM" in out
+    records = bench.load_results(path).records
+    assert [(r["op"], r["provider"]) for r in records] == [("attention", "reference")]  # the first case only
+    assert bench.load_case_log(bench.case_log_path(path)).records == records
+
+
+def test_a_killed_run_keeps_its_finished_cases_and_reports_them(stopped_runs, tmp_path, monkeypatch):
+    code, out, path = stopped_runs["hang"]
+    assert code == -signal.SIGKILL and not path.exists(), out  # pytest-benchmark never wrote its JSON
+    code, out = run_bench("--from-json", str(path))  # the report, built from the per-case log
+    assert code == 0 and "from the per-case log hang.jsonl: the 1 case(s) that finished" in out
+    [(_, header, rows)] = parse_tables(out)
+    assert header[2] == "ms reference" and len(rows) == 1
+    assert "from the per-case log" in path.with_suffix(".md").read_text()
+    harness, telemetry = suite_module("harness"), suite_module("telemetry")
+    [record] = bench.load_results(path).records
+    assert not set(harness.INFO_KEYS + telemetry.FIELDS) - set(record)  # the whole record, not a summary
+    # an interrupted run whose JSON is missing: the report still comes, from the log
+    lost = tmp_path / "lost.json"
+    bench.case_log_path(lost).write_bytes(bench.case_log_path(path).read_bytes())
+    monkeypatch.setattr(bench, "run_suite", lambda args: (lost, bench.PYTEST_INTERRUPTED))
+    code, out = run_bench("--json", str(lost))
+    assert code == bench.PYTEST_INTERRUPTED and "from the per-case log lost.jsonl" in out
+    assert lost.with_suffix(".md").is_file()
+
+
+def test_the_case_log_drops_a_line_cut_short_and_merges_the_session(tmp_path):
+    path = tmp_path / "run.jsonl"
+    lines = [{"session": {"device": "cuda", "gpu_name": "NVIDIA H200", "ceilings": None}, "when": "2026-12-01T10:00"},
+             {"session": {"ceilings": {"copy_gbps": 4000.0, "matmul_tflops": {"bf16": 900.0}}}},
+             {"test": "a", "record": {"op": "ddim_step", "provider": "fastdiff", "shape": "s", "dtype": "bf16",
+                                      "median_ms": 1.0}},
+             {"skipped": {"test": "b", "reason": "--time-budget of 5 s spent before this case started"}}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"test": "c", "rec')  # SIGKILL mid-line
+    results = bench.load_results(path)
+    assert [r["op"] for r in results.records] == ["ddim_step"] and results.when.startswith("2026-12-01")
+    assert results.session["gpu_name"] == "NVIDIA H200" and results.session["ceilings"]["copy_gbps"] == 4000.0
+    assert [s["test"] for s in results.session["skipped"]] == ["b"]
+    path.write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(ValueError, match="no benchmark results in .*run.jsonl: no case finished"):
+        bench.load_results(path)
+
+
+@pytest.mark.parametrize("module, package", [("matplotlib", "matplotlib"), ("pytest_benchmark", "pytest-benchmark")])
+def test_a_missing_package_is_refused_before_any_case_runs(tmp_path, monkeypatch, module, package):
+    """The report's plot needs matplotlib: without it the run must stop before the suite, not after."""
+    monkeypatch.setitem(sys.modules, module, None)  # import -> ImportError
+    monkeypatch.setattr(bench, "run_suite", lambda args: pytest.fail("the suite ran"))
+    with pytest.raises(ImportError) as error:
+        run_bench("--quick", "--json", str(tmp_path / "x.json"))
+    message = str(error.value)
+    assert f"fastdiff bench needs {package}" in message and f"pip install {package}" in message
+    assert "\n" not in message
+    if module == "matplotlib":  # rereading a JSON writes the plot too
+        with pytest.raises(ImportError, match="needs matplotlib to write the report's plot: pip install matplotlib"):
+            run_bench("--from-json", str(gpu_like_results(tmp_path / "gpu.json")))
+    assert not list(tmp_path.glob("*.md"))
 
 
 @pytest.mark.gpu
@@ -380,6 +477,27 @@ def test_derived_metrics_and_roofline():
     assert compute["bound"] == "compute"
     no_bytes = harness.derive(costs.Cost(bytes=None, flops=10**9), 1.0, ceilings, "fp32")  # no fp32 ceiling
     assert no_bytes["gbps"] is None and no_bytes["pct_matmul_peak"] is None and no_bytes["bound"] is None
+
+
+def test_relative_error_stays_on_the_device_and_in_chunks(monkeypatch):
+    """rel_err reads back two float64 sums, never the tensors (at 256M elements a float64 copy to the
+    host is 2 GiB per tensor); widening to float64 chunk by chunk gives the same number."""
+    harness = suite_module("harness")
+    out, ref = torch.randn(1000), torch.randn(1000)
+    out2, ref2 = torch.randn(37).bfloat16(), torch.randn(37).bfloat16()
+    whole = harness.rel_err((out, out2), (ref, ref2))
+    expected = ((out.double() - ref.double()).square().sum() + (out2.double() - ref2.double()).square().sum()) \
+        / (ref.double().square().sum() + ref2.double().square().sum())
+    assert whole == pytest.approx(float(expected) ** 0.5, rel=1e-12)
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("rel_err copied a tensor to the host")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", no_copy)
+    monkeypatch.setattr(torch.Tensor, "numpy", no_copy)
+    assert harness.rel_err((out, out2), (ref, ref2), chunk=7) == pytest.approx(whole, rel=1e-12)
+    with pytest.raises(ValueError, match="rel_err: out has 1000 elements where ref has 999"):
+        harness.rel_err(out, ref[:999])
 
 
 def test_a_wrong_result_fails_its_case_before_it_is_timed():
