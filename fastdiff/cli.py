@@ -9,26 +9,48 @@ import platform
 import sys
 import time
 
+from . import validation
 from .backend import BACKENDS, use_backend
+
+GRID_BATCH_PER_CLASS, GRID_BATCH = 4, 16  # the grid's images: per class for conditional models, else in all
+SET_BATCH = 32  # images per U-Net batch of an evaluation set (--outdir)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``fastdiff sample: error: argument --steps: ...`` (no usage
+    block; ``--help`` shows it), exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --batch must not quietly mean --batch-size
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="digits", help="pipeline folder, or 'digits' for the embedded model (default)")
-    parser.add_argument("--out", default=None, help="PNG grid to write (default: samples.png)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator; with --outdir, the base "
-                        "seed from which image i's own seed is derived (default: 0)")
+    parser.add_argument("--out", default=None, help="image grid to write, .png (or another extension PIL writes; "
+                        "default: samples.png)")
+    parser.add_argument("--seed", type=validation.seed_arg(), default=0, help="seed of the torch.Generator, in "
+                        "[0, 2**64); with --outdir, the base seed from which image i's own seed is derived (default: 0)")
     parser.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim", help="sampler (default: ddim)")
-    parser.add_argument("--steps", type=int, default=None, help="inference steps (default: 50 for ddim, 1000 for ddpm)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic, 1 DDPM-like (default: 0)")
+    parser.add_argument("--steps", type=validation.int_arg(1), default=None,
+                        help="inference steps (default: 50 for ddim, 1000 for ddpm)")
+    parser.add_argument("--eta", type=validation.float_arg(0), default=0.0,
+                        help="DDIM's eta: 0 deterministic, 1 DDPM-like (default: 0)")
     parser.add_argument("--class", dest="classes", type=int, nargs="+", default=None, metavar="N",
                         help="class label(s) to draw; default: every class in turn, one column each")
-    parser.add_argument("--guidance", type=float, default=None,
+    parser.add_argument("--guidance", type=validation.float_arg(), default=None,
                         help="classifier-free guidance weight (default: the model's saved value)")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="number of images in the grid (default: 4 per class for conditional models, else 16)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu; "
+    parser.add_argument("--batch-size", type=validation.int_arg(1), default=None,
+                        help=f"images per U-Net batch: the whole grid ({GRID_BATCH_PER_CLASS} per class for "
+                             f"conditional models, else {GRID_BATCH}); with --outdir, images per batch and process "
+                             f"(default {SET_BATCH}), which fixes which images share a batch: keep it when resuming")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu; "
                         "under torchrun, cuda means each process's own cuda:LOCAL_RANK)")
-    parser.add_argument("--scale", type=int, default=None, help="upscale factor of the PNG (default: to ~64 px per image)")
+    parser.add_argument("--scale", type=validation.int_arg(1), default=None,
+                        help="upscale factor of the grid (default: to ~64 px per image)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay each denoising step from a CUDA graph: one launch per step instead of the "
                              "U-Net's hundreds, the same images (CUDA devices only)")
@@ -38,14 +60,12 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     many = parser.add_argument_group(
         "evaluation sets (one PNG per image; split over processes under torchrun; a rerun resumes)")
-    many.add_argument("--num-images", type=int, default=None, metavar="M",
+    many.add_argument("--num-images", type=validation.int_arg(1), default=None, metavar="M",
                       help="write images 0..M-1 as DIR/000000.png, ...; needs --outdir")
     many.add_argument("--outdir", default=None, metavar="DIR", help="folder of the numbered PNGs; PNGs already "
                       "there are skipped, so rerunning a crashed job finishes it")
-    many.add_argument("--batch-size", type=int, default=32, help="images per U-Net batch and process; it fixes "
-                      "which images share a batch, so keep it when resuming (default: %(default)s)")
     many.add_argument("--npz", action="store_true", help="also write DIR/samples.npz (arr_0: M x H x W x C uint8, "
-                      "arr_1: labels)")
+                      "arr_1: labels); needs --outdir")
 
 
 def _load_sampler(args: argparse.Namespace, device):
@@ -79,23 +99,28 @@ def _sample(args: argparse.Namespace) -> int:
         return _sample_many(args)
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from . import distributed
+
+    if args.npz:
+        raise ValueError("--npz writes DIR/samples.npz of an evaluation set: it needs --outdir and --num-images")
+    out = validation.output_file("--out", args.out or "samples.png", validation.image_suffixes())
+    device = distributed.default_device(args.device, "--device")
     _check_cuda_graph(args, device)
     pipe, steps = _load_sampler(args, device)
     num_classes = pipe.unet.num_classes
     classes = args.classes if args.classes is not None else (list(range(num_classes)) if num_classes else None)
-    batch = args.batch or (4 * len(classes) if classes else 16)
+    batch = args.batch_size or (GRID_BATCH_PER_CLASS * len(classes) if classes else GRID_BATCH)
     labels = [classes[i % len(classes)] for i in range(batch)] if classes else None
     nrow = len(classes) if classes else None
 
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    out = pipe(batch_size=batch, num_inference_steps=steps, generator=generator, class_labels=labels,
-               guidance_scale=args.guidance, eta=args.eta, progress=not args.no_progress,
-               cuda_graph=args.cuda_graph)
+    images = pipe(batch_size=batch, num_inference_steps=steps, generator=generator, class_labels=labels,
+                  guidance_scale=args.guidance, eta=args.eta, progress=not args.no_progress,
+                  cuda_graph=args.cuda_graph)
     seconds = time.perf_counter() - start
     scale = args.scale or max(1, 64 // pipe.unet.config.sample_size)
-    path = out.save_grid(args.out or "samples.png", nrow=nrow, scale=scale)
+    path = images.save_grid(out, nrow=nrow, scale=scale)
     print(f"wrote {batch} samples ({args.scheduler.upper()}-{steps}, {seconds:.1f} s on {device}) to {path}")
     return 0
 
@@ -107,15 +132,16 @@ def _sample_many(args: argparse.Namespace) -> int:
 
     if args.outdir is None or args.num_images is None:
         raise ValueError("--num-images and --outdir go together (an evaluation set of M PNGs in DIR)")
-    for flag, value in (("--out", args.out), ("--batch", args.batch), ("--scale", args.scale)):
+    for flag, value in (("--out", args.out), ("--scale", args.scale)):
         if value is not None:
             raise ValueError(f"{flag} applies to the grid; with --outdir use --num-images and --batch-size")
-    device = distributed.default_device(args.device)
+    validation.writable_folder("--outdir", args.outdir)
+    device = distributed.default_device(args.device, "--device")
     _check_cuda_graph(args, device)
     distributed.init_from_env(device)
     pipe, steps = _load_sampler(args, device)
     start = time.perf_counter()
-    result = sample_many(pipe, args.num_images, args.outdir, seed=args.seed, batch_size=args.batch_size,
+    result = sample_many(pipe, args.num_images, args.outdir, seed=args.seed, batch_size=args.batch_size or SET_BATCH,
                          num_inference_steps=steps, classes=args.classes, guidance_scale=args.guidance,
                          eta=args.eta, npz=args.npz, progress=not args.no_progress, cuda_graph=args.cuda_graph)
     seconds = time.perf_counter() - start
@@ -164,9 +190,9 @@ def _info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, bench, compare, quality, training
 
-    parser = argparse.ArgumentParser(prog="fastdiff", description="Fast DDPM/DDIM sampling with fused Triton kernels.")
+    parser = ArgumentParser(prog="fastdiff", description="Fast DDPM/DDIM sampling with fused Triton kernels.")
     parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser)
 
     sample = commands.add_parser("sample", help="draw samples to a PNG grid (default: the embedded digits model)",
                                  description="Draw samples to a PNG grid. With no arguments: the embedded digits "
@@ -212,14 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a flag argparse refused (one line printed)
+        return stop.code if isinstance(stop.code, int) else 2
     backend = getattr(args, "backend", None)
     try:
         with use_backend(backend) if backend else contextlib.nullcontext():
             return args.run(args) or 0
-    except (ValueError, RuntimeError, ImportError) as err:  # bad input: a message, not a traceback
-        print(f"fastdiff {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, RuntimeError, ImportError, OSError) as err:  # a message, not a traceback
+        print(f"fastdiff {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fastdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (torch's load_state_dict message spans many)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{type(err).__name__}: {text}" if isinstance(err, OSError) else text
 
 
 if __name__ == "__main__":

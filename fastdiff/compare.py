@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from . import backend, ops
+from . import backend, ops, validation
 from .backend import use_backend
 from .io import write_json
 
@@ -219,13 +219,6 @@ def _check_fast_path_runs(device: torch.device) -> None:
         raise RuntimeError(f"the fast path has no Triton kernel for {', '.join(missing)} in this install")
 
 
-def _check_int(name: str, value, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
 
@@ -242,10 +235,10 @@ def compare(pipe, *, num_inference_steps: int, batch_size: int = 1, seed: int = 
     """
     from .images import to_uint8
 
-    _check_int("num_inference_steps", num_inference_steps, minimum=1)
-    _check_int("batch_size", batch_size, minimum=1)
-    _check_int("repeats", repeats, minimum=0)
-    _check_int("seed", seed)
+    validation.integer("num_inference_steps", num_inference_steps, minimum=1)
+    validation.integer("batch_size", batch_size, minimum=1)
+    validation.integer("repeats", repeats, minimum=0)
+    validation.seed("seed", seed)
     pipe = _with_scheduler(pipe, scheduler)
     device = pipe.device
     _check_fast_path_runs(device)
@@ -366,24 +359,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="digits", help="pipeline folder, or 'digits' for the embedded model "
                         "(default: %(default)s)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=20, help="inference steps (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=4, help="images per run (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator (default: %(default)s)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (default: %(default)s)")
+    parser.add_argument("--steps", type=validation.int_arg(1), default=20, help="inference steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=validation.int_arg(1), default=4,
+                        help="images per run (default: %(default)s)")
+    parser.add_argument("--seed", type=validation.seed_arg(), default=0,
+                        help="seed of the torch.Generator (default: %(default)s)")
+    parser.add_argument("--eta", type=validation.float_arg(0), default=0.0, help="DDIM's eta (default: %(default)s)")
     parser.add_argument("--class", dest="classes", type=int, nargs="+", default=None, metavar="N",
                         help="class label(s), cycled over the batch (default: 0, 1, 2, ... for a "
                              "class-conditional model)")
-    parser.add_argument("--guidance", type=float, default=None,
+    parser.add_argument("--guidance", type=validation.float_arg(), default=None,
                         help="classifier-free guidance weight (default: the model's saved value)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="model and sampling dtype, the same on both paths (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each path after the warm-up; the "
+    parser.add_argument("--repeats", type=validation.int_arg(0), default=1, help="timed runs of each path after the warm-up; the "
                         "median counts; 0 skips timing (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the full result as JSON")
     parser.add_argument("--png", type=Path, default=None, metavar="PATH",
                         help="write fast | reference | amplified |difference|, one row per image")
-    parser.add_argument("--tolerance", type=float, default=None, metavar="REL",
+    parser.add_argument("--tolerance", type=validation.float_arg(0), default=None, metavar="REL",
                         help="exit 1 when some step's x_t max rel error exceeds REL (default: never)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
@@ -406,20 +401,23 @@ def _class_labels(args: argparse.Namespace, pipe) -> list[int] | None:
     classes = args.classes
     if classes is None and pipe.unet.is_conditional:
         classes = list(range(pipe.unet.num_classes))
-    return None if classes is None else [classes[i % len(classes)] for i in range(args.batch)]
+    return None if classes is None else [classes[i % len(classes)] for i in range(args.batch_size)]
 
 
 def run(args: argparse.Namespace) -> int:
     """``fastdiff compare``: print the per-step table and a summary; write --json / --png if asked."""
     from .pipeline import load_pretrained
 
-    if args.tolerance is not None and not args.tolerance >= 0:  # also refuses NaN
-        raise ValueError(f"--tolerance must be a number >= 0, got {args.tolerance}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .distributed import default_device
+
+    for flag, path, suffixes in (("--json", args.json, (".json",)), ("--png", args.png, validation.image_suffixes())):
+        if path is not None:
+            validation.output_file(flag, path, suffixes)
+    device = default_device(args.device, "--device")
     if prepare_interpreter(device):
         print("note: set TRITON_INTERPRET=1 for this run (no CUDA device)", file=sys.stderr)
     pipe = load_pretrained(args.model, device=device, dtype=DTYPES[args.dtype])
-    result = compare(pipe, num_inference_steps=args.steps, batch_size=args.batch, seed=args.seed,
+    result = compare(pipe, num_inference_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                      class_labels=_class_labels(args, pipe), guidance_scale=args.guidance, eta=args.eta,
                      scheduler=args.scheduler, repeats=args.repeats, progress=not args.no_progress)
     print(format_table(result))

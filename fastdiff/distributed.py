@@ -16,6 +16,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from . import validation
+
 
 def env_world_size() -> int:
     """WORLD_SIZE as torchrun sets it; 1 outside torchrun."""
@@ -43,7 +45,7 @@ def init_from_env(device: torch.device | str | None = None, timeout_minutes: flo
         return False
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    device = default_device(None if device is None else str(device))
+    device = default_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -125,16 +127,19 @@ def all_equal(tensors: list[torch.Tensor], device: torch.device) -> bool:
     return low.item() == high.item()
 
 
-def default_device(requested: str | None = None) -> torch.device:
-    """``requested``, or this process's GPU (cuda:LOCAL_RANK under torchrun) when there is one, else CPU.
+def default_device(requested=None, argument: str = "device") -> torch.device:
+    """``requested`` (checked: ``validation.device``), or this process's GPU (cuda:LOCAL_RANK under
+    torchrun) when there is one, else CPU, for None or "auto".
 
     A bare "cuda" under torchrun also means this process's own GPU, so N processes never share GPU 0.
     """
-    if requested in (None, "auto", "cuda") and torch.cuda.is_available():
+    if isinstance(requested, str) and requested.strip().lower() == "auto":
+        requested = None
+    if requested is not None:
+        requested = validation.device(argument, requested)
+    if (requested is None or requested == torch.device("cuda")) and torch.cuda.is_available():
         return torch.device("cuda", local_rank() if env_world_size() > 1 else torch.cuda.current_device())
-    if requested in (None, "auto"):
-        return torch.device("cpu")
-    return torch.device(requested)
+    return torch.device("cpu") if requested is None else requested
 
 
 def derived_seed(*parts: int) -> int:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import reference, validation
 from .backend import get_backend, resolve
 from .reference import NOISING_TARGETS, PREDICTION_TYPES, VARIANCE_TYPES
 
@@ -86,19 +86,35 @@ def _same_shape(name: str, x, like_name: str, like: torch.Tensor) -> None:
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {like_name}'s shape {tuple(like.shape)}")
 
 
-def _one_of(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+def _alpha_bar(name: str, value) -> None:
+    """ᾱ in [0, 1], checked where that costs no device sync: a number or a CPU tensor. On a GPU the
+    sampling loop's ᾱ come from step tables built on the host from a checked schedule."""
+    if not isinstance(value, torch.Tensor):
+        validation.real(name, value, 0, 1)
+    elif value.device.type == "cpu":
+        validation.in_range(name, value, 0, 1, " (a cumulative product of alphas)")
 
 
-def _check_step(model_output, sample, noise, prediction_type, uncond_model_output) -> None:
+def _check_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, prediction_type, uncond_model_output,
+                guidance_scale, clip_sample_range, dynamic_thresholding_ratio, sample_max_value) -> None:
     _floating("sample", sample)
     _same_shape("model_output", model_output, "sample", sample)
     if noise is not None:
         _same_shape("noise", noise, "sample", sample)
+    _alpha_bar("alpha_prod_t", alpha_prod_t)
+    _alpha_bar("alpha_prod_t_prev", alpha_prod_t_prev)
+    guidance_scale = validation.real("guidance_scale", guidance_scale)
     if uncond_model_output is not None:
         _same_shape("uncond_model_output", uncond_model_output, "model_output", model_output)
-    _one_of("prediction_type", prediction_type, PREDICTION_TYPES)
+    elif guidance_scale != 1:
+        raise ValueError(f"guidance_scale={guidance_scale:g} needs uncond_model_output (classifier-free guidance "
+                         "combines it with model_output); pass it, or leave guidance_scale at 1")
+    validation.one_of("prediction_type", prediction_type, PREDICTION_TYPES)
+    if clip_sample_range is not None:
+        validation.real("clip_sample_range", clip_sample_range, 0, min_open=True)
+    if dynamic_thresholding_ratio is not None:
+        validation.real("dynamic_thresholding_ratio", dynamic_thresholding_ratio, 0, 1, min_open=True)
+        validation.real("sample_max_value", sample_max_value, 0, min_open=True)
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -113,7 +129,10 @@ def q_sample(x0, noise, timesteps, alphas_cumprod, target=None):
     _floating("alphas_cumprod", alphas_cumprod)
     if alphas_cumprod.ndim != 1:
         raise ValueError(f"alphas_cumprod must be 1-D, got shape {tuple(alphas_cumprod.shape)}")
-    _one_of("target", target, NOISING_TARGETS)
+    # values checked on the CPU only: a GPU read-back would stall every training step (the
+    # schedulers' add_noise, the public entry, checks device timesteps too)
+    validation.timesteps("timesteps", timesteps, len(alphas_cumprod), on_device=False)
+    validation.one_of("target", target, NOISING_TARGETS)
     return _run("q_sample", x0, x0, noise, timesteps, alphas_cumprod, target=target)
 
 
@@ -121,8 +140,9 @@ def ddpm_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None,
               prediction_type="epsilon", variance_type="fixed_small", clip_sample_range=None,
               dynamic_thresholding_ratio=None, sample_max_value=1.0, uncond_model_output=None, guidance_scale=1.0):
     """One DDPM step; see ``reference.ddpm_step``."""
-    _check_step(model_output, sample, noise, prediction_type, uncond_model_output)
-    _one_of("variance_type", variance_type, VARIANCE_TYPES)
+    _check_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, prediction_type, uncond_model_output,
+                guidance_scale, clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
+    validation.one_of("variance_type", variance_type, VARIANCE_TYPES)
     if variance_type in ("learned", "learned_range") and noise is not None:
         if predicted_variance is None:
             raise ValueError(f"variance_type={variance_type!r} needs the model's predicted variance: "
@@ -139,9 +159,10 @@ def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None,
               prediction_type="epsilon", clip_sample_range=None, dynamic_thresholding_ratio=None,
               sample_max_value=1.0, use_clipped_model_output=False, uncond_model_output=None, guidance_scale=1.0):
     """One DDIM step; see ``reference.ddim_step``."""
-    _check_step(model_output, sample, noise, prediction_type, uncond_model_output)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    _check_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, prediction_type, uncond_model_output,
+                guidance_scale, clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
+    validation.real("eta", eta, minimum=0)
+    validation.boolean("use_clipped_model_output", use_clipped_model_output)
     return _run("ddim_step", sample,
         model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta, prediction_type=prediction_type,
         clip_sample_range=clip_sample_range, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
@@ -163,6 +184,8 @@ def attention(q, k, v, scale=None):
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"attention expects q (B, H, Nq, D) and k, v (B, H, Nk, D); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if scale is not None:
+        validation.real("scale", scale)
     return _run("attention", q, q, k, v, scale=scale)
 
 
@@ -175,6 +198,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
         raise ValueError(f"x must have shape (B, C, ...), got {tuple(x.shape)}")
     if not isinstance(num_groups, int) or num_groups < 1 or x.shape[1] % num_groups:
         raise ValueError(f"num_groups must be a positive divisor of the {x.shape[1]} channels, got {num_groups!r}")
+    validation.real("eps", eps, 0, min_open=True)
+    validation.boolean("silu", silu)
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (x.shape[1],):
             raise ValueError(f"{name} must have shape ({x.shape[1]},), got {tuple(p.shape)}")

@@ -7,6 +7,7 @@ scheduler config and seed give the same images.
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -15,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from . import validation
 from .images import image_grid, save_image_grid
 from .io import read_json, write_json
 from .sampling_loop import SamplingLoop, check_cuda_graph, loop_key
@@ -26,6 +28,7 @@ from .unet import UNet2D
 SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler)}
 INDEX_NAME = "model_index.json"
 EMBEDDED_MODELS = ("digits",)
+TRAINING_PIPELINE = "pipeline"  # where `fastdiff train` saves the pipeline inside its --out folder
 
 
 @dataclass
@@ -52,7 +55,8 @@ class DiffusionPipeline:
             raise TypeError(f"unet must be a fastdiff.UNet2D, got {type(unet).__name__}")
         if not isinstance(scheduler, tuple(SCHEDULERS.values())):
             raise TypeError(f"scheduler must be a DDIMScheduler or DDPMScheduler, got {type(scheduler).__name__}")
-        self.unet, self.scheduler, self.guidance_scale = unet, scheduler, float(guidance_scale)
+        self.unet, self.scheduler = unet, scheduler
+        self.guidance_scale = validation.real("guidance_scale", guidance_scale)
         self._graphed: tuple[tuple, SamplingLoop] | None = None  # (key, loop) of the last cuda_graph=True call
 
     @property
@@ -64,6 +68,9 @@ class DiffusionPipeline:
         return self.unet.dtype
 
     def to(self, device=None, dtype=None) -> "DiffusionPipeline":
+        """Move the U-Net: ``device`` 'cpu', 'cuda', 'cuda:1', ...; ``dtype`` a float dtype or its name."""
+        device = None if device is None else validation.device("device", device)
+        dtype = None if dtype is None else validation.dtype("dtype", dtype)
         self.unet.to(device=device, dtype=dtype)
         return self
 
@@ -78,11 +85,12 @@ class DiffusionPipeline:
         guidance_scale: float | None = None,
         eta: float = 0.0,
         image: torch.Tensor | None = None,
-        strength: float = 0.8,
+        strength: float | None = None,
         use_clipped_model_output: bool | None = None,
         progress: bool = True,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         cuda_graph: bool = False,
+        on_nonfinite: str = "raise",
     ) -> ImagePipelineOutput:
         """Generate ``batch_size`` images.
 
@@ -90,7 +98,8 @@ class DiffusionPipeline:
         U-Net. guidance_scale w: ε = ε_u + w·(ε_c − ε_u), one batched U-Net pass for both.
         eta: DDIM's η (0 = deterministic). image + strength: image-guided sampling (SDEdit, Meng
         et al. 2022): ``image`` ((C, H, W) or (1 or B, C, H, W), in [0, 1]) is noised to the
-        step ``strength`` of the way into the schedule and denoised from there.
+        step ``strength`` (default 0.8; only with ``image``) of the way into the schedule and
+        denoised from there.
         callback(step_index, t, prev_sample, pred_original_sample): called after each step (e.g. by
         ``fastdiff.compare`` to record the trajectory); it must not modify the tensors.
 
@@ -98,26 +107,35 @@ class DiffusionPipeline:
         step index live on the device. cuda_graph=True (CUDA only, no callback) replays each step
         from a CUDA graph, captured on the first call and kept for the next call with the same
         shapes and settings; the images are the same as without it.
+
+        Every argument is checked before the first step (``fastdiff.validation``). The result is
+        checked once at the end: NaN or infinite images (bad weights, an fp16 overflow) raise
+        ``validation.NonFiniteError``, or only warn with ``on_nonfinite="warn"``.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = validation.integer("batch_size", batch_size, minimum=1)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+        validation.boolean("progress", progress)
+        validation.one_of("on_nonfinite", on_nonfinite, ("raise", "warn"))
         unet, scheduler, device = self.unet, self.scheduler, self.device
         cuda_graph = check_cuda_graph(cuda_graph, device, callback)
         labels = self._labels(class_labels, batch_size)
         guidance = self._guidance(guidance_scale, labels)
         step_kwargs = self._step_kwargs(eta, use_clipped_model_output)
+        shape = (batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        if image is None and strength is not None:
+            raise ValueError("strength applies to image-guided sampling only: pass image= too, or drop strength")
+        if image is not None:
+            strength = validation.real("strength", 0.8 if strength is None else strength, 0, 1, min_open=True)
+            x0 = self._reference_image(image, shape)
         scheduler.set_timesteps(num_inference_steps)
         timesteps = scheduler.timesteps
-        shape = (batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
         if image is None:
             sample = randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
             sample = sample * scheduler.init_noise_sigma
         else:
             timesteps = self._sdedit_timesteps(timesteps, strength)
-            x0 = self._reference_image(image, shape)
             noise = randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
             sample = scheduler.add_noise(x0, noise, timesteps[:1].repeat(batch_size))
 
@@ -126,6 +144,7 @@ class DiffusionPipeline:
         loop = self._loop(timesteps, shape, labels, guidance, step_kwargs, cuda_graph)
         loop.reset(sample, labels)
         sample = loop.run(generator, cuda_graph=cuda_graph, progress=progress, callback=callback)
+        validation.finite_result(sample, "the sampled images", on_nonfinite)
         return ImagePipelineOutput(images=(sample / 2 + 0.5).clamp(0, 1).float().contiguous())  # NCHW, as always
 
     def _loop(self, timesteps, shape, labels, guidance, step_kwargs, cuda_graph: bool) -> SamplingLoop:
@@ -148,7 +167,14 @@ class DiffusionPipeline:
             return None
         if not self.unet.is_conditional:
             raise ValueError("class_labels were given but the U-Net is unconditional (config.num_classes is None)")
-        labels = torch.as_tensor(class_labels, device=self.device)
+        expected = f"class_labels must be an int, a list of ints or an integer tensor, got {type(class_labels).__name__}"
+        if isinstance(class_labels, (str, bytes)) or not isinstance(class_labels, (numbers.Integral, list, tuple,
+                                                                                   torch.Tensor)):
+            raise TypeError(expected)
+        try:
+            labels = torch.as_tensor(class_labels, device=self.device)
+        except (TypeError, ValueError, RuntimeError):  # a list holding strings or ragged lists
+            raise TypeError(f"{expected} {class_labels!r}") from None
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"class_labels must be integers, got dtype {labels.dtype}")
         if labels.ndim == 0:
@@ -161,17 +187,21 @@ class DiffusionPipeline:
 
     def _guidance(self, guidance_scale, labels) -> float | None:
         """The guidance weight to apply, or None for a single (unguided) U-Net pass."""
+        if guidance_scale is not None:
+            guidance_scale = validation.real("guidance_scale", guidance_scale)
         if guidance_scale is not None and guidance_scale != 1.0:
             if not self.unet.is_conditional:
                 raise ValueError("guidance_scale needs a class-conditional U-Net; this one is unconditional")
             if labels is None:
                 raise ValueError("guidance_scale needs class_labels (guidance steers towards a class)")
-        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        scale = validation.real("pipeline.guidance_scale", self.guidance_scale) if guidance_scale is None \
+            else guidance_scale
         return scale if labels is not None and scale != 1.0 else None
 
     def _step_kwargs(self, eta: float, use_clipped_model_output) -> dict:
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        eta = validation.real("eta", eta, minimum=0)
+        if use_clipped_model_output is not None:
+            validation.boolean("use_clipped_model_output", use_clipped_model_output)
         if isinstance(self.scheduler, DDIMScheduler):
             return {"eta": eta, "use_clipped_model_output": use_clipped_model_output}
         if eta != 0 or use_clipped_model_output:
@@ -179,8 +209,6 @@ class DiffusionPipeline:
         return {}
 
     def _sdedit_timesteps(self, timesteps: torch.Tensor, strength: float) -> torch.Tensor:
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
         n = len(timesteps)
         steps = min(int(n * strength), n)
         if steps < 1:
@@ -189,13 +217,17 @@ class DiffusionPipeline:
         return timesteps[n - steps:]
 
     def _reference_image(self, image, shape) -> torch.Tensor:
+        """``image`` in [0, 1] as the (B, C, H, W) batch to noise, in [-1, 1] (one read-back to check it)."""
         if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-            raise TypeError("image must be a float tensor in [0, 1] of shape (C, H, W) or (B, C, H, W)")
+            raise TypeError(f"image must be a float tensor in [0, 1] of shape (C, H, W) or (B, C, H, W), got "
+                            f"{image.dtype if isinstance(image, torch.Tensor) else type(image).__name__}")
         if image.ndim == 3:
             image = image[None]
         if image.shape[1:] != shape[1:] or image.shape[0] not in (1, shape[0]):
-            raise ValueError(f"image must have shape {tuple(shape[1:])} or (1 or {shape[0]}, *{tuple(shape[1:])}), "
-                             f"got {tuple(image.shape)}")
+            one = ", ".join(map(str, shape[1:]))
+            counts = "1" if shape[0] == 1 else f"1 or {shape[0]} (batch_size)"
+            raise ValueError(f"image must have shape ({one}) or (N, {one}) with N = {counts}, got {tuple(image.shape)}")
+        validation.in_range("image", image, 0, 1, " (images are floats in [0, 1], not 0-255)")
         return (image.to(self.device, self.dtype) * 2 - 1).expand(shape)
 
     # ------------------------------------------------------------------ persistence
@@ -228,10 +260,15 @@ class DiffusionPipeline:
 def _resolve(path) -> Path:
     if isinstance(path, str) and path in EMBEDDED_MODELS:
         return Path(str(resources.files("fastdiff") / "pretrained" / path))
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a folder (str or os.PathLike) or an embedded model name "
+                        f"({', '.join(EMBEDDED_MODELS)}), got {type(path).__name__}")
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"path: {path!s} is neither a pipeline folder nor an embedded model "
                          f"({', '.join(EMBEDDED_MODELS)})")
+    if not (root / INDEX_NAME).is_file() and (root / TRAINING_PIPELINE / INDEX_NAME).is_file():
+        raise ValueError(f"path: {root} is a training run's folder; its pipeline is {root / TRAINING_PIPELINE}")
     return root
 
 

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import validation
 from .io import write_json
 
 NUM_CLASSES = 10
@@ -360,13 +361,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="digits", help="pretrained name or directory (default: digits)")
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), metavar="SCHEDULER-STEPS",
                         help=f"what to evaluate (default: {' '.join(DEFAULT_RUNS)})")
-    parser.add_argument("--per-class", type=int, default=20, help="samples per digit (default: 20)")
-    parser.add_argument("--guidance", type=float, default=None,
+    parser.add_argument("--per-class", type=validation.int_arg(1), default=20, help="samples per digit (default: 20)")
+    parser.add_argument("--guidance", type=validation.float_arg(), default=None,
                         help="classifier-free guidance scale (default: the pipeline's)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=200, help="samples per pipeline call (default: 200)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--eta", type=validation.float_arg(0), default=0.0, help="DDIM eta (default: 0)")
+    parser.add_argument("--seed", type=validation.seed_arg(), default=0)
+    parser.add_argument("--batch-size", type=validation.int_arg(1), default=200,
+                        help="samples per pipeline call (default: 200)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--grid", type=Path, default=None, metavar="PATH",
                         help="also save each run's samples as a PNG grid, one row per digit "
@@ -381,7 +383,9 @@ def _grid_path(path: Path, run: str) -> Path:
 
 
 def _device(args: argparse.Namespace) -> str:
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .distributed import default_device
+
+    return str(default_device(args.device, "--device"))
 
 
 def _json_safe(value):
@@ -415,7 +419,11 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate the requested runs, print a Markdown table; the exit status for the CLI."""
     import fastdiff
 
-    runs = [parse_run(spec) for spec in args.runs]  # fail on a typo or a missing model first
+    runs = [parse_run(spec) for spec in args.runs]  # fail on a typo, a bad path or a missing model first
+    if args.json is not None:
+        validation.output_file("--json", args.json, (".json",))
+    if args.grid is not None:
+        validation.output_file("--grid", args.grid, validation.image_suffixes())
     pipe = fastdiff.load_pretrained(args.model, device=_device(args))
     baselines = [baseline_report(heldout=False, seed=args.seed), baseline_report(heldout=True, seed=args.seed)]
     print(QualityReport.markdown_header())

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, validation
 from .images import to_uint8
 from .io import atomic_write, write_json
 
@@ -102,11 +102,9 @@ def sample_many(pipe, num_images: int, outdir, *, seed: int = 0, batch_size: int
 
 
 def _check_arguments(num_images, batch_size, seed) -> None:
-    for name, value in (("num_images", num_images), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    validation.integer("num_images", num_images, minimum=1)
+    validation.integer("batch_size", batch_size, minimum=1)
+    validation.seed("seed", seed)
 
 
 def _classes(pipe, classes) -> list[int] | None:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import validation
 from .backend import get_backend
 from .schedules import randn_tensor
 from .scheduling_utils import StepTables
@@ -75,9 +76,9 @@ class SamplingLoop:
         alpha_prod_t, alpha_prod_t_prev = self.tables.alphas.index_select(0, self.index)[0].unbind()  # 0-d each
         x = self.sample
         if self.guidance is None:
-            model_output, guide = self.unet(x, t, self.labels, check_labels=False), {}
+            model_output, guide = self.unet(x, t, self.labels), {}
         else:  # conditional and unconditional halves in one batch
-            model_output, uncond = self.unet(torch.cat([x, x]), t, self.labels, check_labels=False).chunk(2)
+            model_output, uncond = self.unet(torch.cat([x, x]), t, self.labels).chunk(2)
             guide = {"uncond_model_output": uncond, "guidance_scale": self.guidance}
         prev_sample, pred_x0 = self.scheduler._update(model_output, x, alpha_prod_t, alpha_prod_t_prev,
                                                       self.noise if noisy else None, **self.step_kwargs, **guide)
@@ -112,6 +113,11 @@ class SamplingLoop:
         seen = set(self.graphs)
         if cuda_graph and self.stream is None:
             self.stream = torch.cuda.Stream(self.sample.device)
+        with validation.values_checked():  # the tables come from a checked schedule: no per-step read-back
+            self._run_steps(generator, cuda_graph, progress, callback, seen)
+        return self.sample
+
+    def _run_steps(self, generator, cuda_graph: bool, progress: bool, callback, seen: set) -> None:
         for i in tqdm(range(len(self.tables)), desc="sampling", disable=not progress, leave=False):
             noisy = self.tables.noisy[i]
             if noisy:
@@ -127,7 +133,6 @@ class SamplingLoop:
             else:  # the first step of its kind runs eagerly, initialising what the graph needs
                 self.warm_up(noisy)
                 seen.add(noisy)
-        return self.sample
 
 
 def loop_key(unet, scheduler, timesteps, shape, labels, guidance, step_kwargs) -> tuple:
@@ -160,8 +165,7 @@ def _addresses(module: torch.nn.Module) -> tuple[int, ...]:
 
 def check_cuda_graph(cuda_graph, device: torch.device, callback) -> bool:
     """``cuda_graph`` as a bool, or a clear error where a graph cannot run."""
-    if not isinstance(cuda_graph, bool):
-        raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    validation.boolean("cuda_graph", cuda_graph)
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device; it is on {device}")
     if cuda_graph and callback is not None:

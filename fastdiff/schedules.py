@@ -94,6 +94,10 @@ def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     rand_device = device
+    generators = generator if isinstance(generator, list) else [generator]
+    if generator is not None and (not generators or not all(isinstance(g, torch.Generator) for g in generators)):
+        raise TypeError(f"generator must be a torch.Generator, a non-empty list of them (one per image) or None, "
+                        f"got {type(generator).__name__}{'' if isinstance(generator, list) else f' {generator!r}'}")
     if generator is not None:
         gen_type = (generator[0] if isinstance(generator, list) else generator).device.type
         if gen_type != device.type and gen_type == "cpu":

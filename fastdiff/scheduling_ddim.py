@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import ops, validation
 from .configuration import register_to_config
 from .schedules import randn_tensor
 from .scheduling_utils import SchedulerBase, SchedulerOutput, x0_limits
@@ -45,6 +45,7 @@ class DDIMScheduler(SchedulerBase):
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
     ):
+        validation.boolean("set_alpha_to_one", set_alpha_to_one)
         self._setup(self.config)
         # ᾱ "before" step 0: 1 (a clean image) or ᾱ_0
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]

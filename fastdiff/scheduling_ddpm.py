@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import ops
+from . import ops, validation
 from .configuration import register_to_config
 from .reference import VARIANCE_TYPES
 from .schedules import randn_tensor
-from .scheduling_utils import SchedulerBase, SchedulerOutput, check_option, x0_limits
+from .scheduling_utils import SchedulerBase, SchedulerOutput, x0_limits
 
 DDPMSchedulerOutput = SchedulerOutput
 
@@ -46,7 +46,7 @@ class DDPMScheduler(SchedulerBase):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        check_option("variance_type", variance_type, VARIANCE_TYPES)
+        validation.one_of("variance_type", variance_type, VARIANCE_TYPES)
         self._setup(self.config)
         self.variance_type = variance_type
         self.custom_timesteps = False

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import ops
+from . import ops, validation
 from .configuration import ConfigMixin
 from .reference import PREDICTION_TYPES
 from .schedules import BETA_SCHEDULES, TIMESTEP_SPACINGS, make_betas, spaced_timesteps
@@ -46,16 +45,6 @@ class StepTables:
         return StepTables(self.timesteps.to(device), self.alphas.to(device), self.noisy, self.host_timesteps)
 
 
-def check_option(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-
-
-def check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 class SchedulerBase(ConfigMixin):
     """Common state: betas, alphas, alphas_cumprod (float32, (T,)), timesteps, num_inference_steps."""
 
@@ -64,16 +53,7 @@ class SchedulerBase(ConfigMixin):
 
     def _setup(self, config) -> None:
         """Check the options every scheduler has, then build the schedule tables."""
-        check_int("num_train_timesteps", config.num_train_timesteps, 1)
-        check_option("beta_schedule", config.beta_schedule, BETA_SCHEDULES)
-        check_option("prediction_type", config.prediction_type, PREDICTION_TYPES)
-        check_option("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
-        check_int("steps_offset", config.steps_offset, 0)
-        if not 0 < config.dynamic_thresholding_ratio <= 1:
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {config.dynamic_thresholding_ratio}")
-        if config.trained_betas is not None and len(config.trained_betas) != config.num_train_timesteps:
-            raise ValueError(f"trained_betas has {len(config.trained_betas)} values but num_train_timesteps is "
-                             f"{config.num_train_timesteps}")
+        check_config(config)
         self.betas = make_betas(config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule,
                                 config.trained_betas, config.rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas
@@ -89,11 +69,7 @@ class SchedulerBase(ConfigMixin):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Pick the ``num_inference_steps`` timesteps to visit, spaced by ``config.timestep_spacing``."""
         T = self.config.num_train_timesteps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
-                or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {T}] (num_train_timesteps), "
-                             f"got {num_inference_steps!r}")
-        self.num_inference_steps = int(num_inference_steps)
+        self.num_inference_steps = validation.integer("num_inference_steps", num_inference_steps, 1, T)
         timesteps = spaced_timesteps(T, self.num_inference_steps, self.config.timestep_spacing,
                                      self.config.steps_offset)
         self.timesteps = torch.from_numpy(timesteps).to(device)
@@ -105,10 +81,12 @@ class SchedulerBase(ConfigMixin):
     # --------------------------------------------------------------------- training side
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
         """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε for per-sample ``timesteps`` (fused op ``q_sample``)."""
+        validation.timesteps("timesteps", timesteps, self.config.num_train_timesteps)
         return ops.q_sample(original_samples, noise, timesteps, self.alphas_cumprod)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
         """The v-prediction target v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022)."""
+        validation.timesteps("timesteps", timesteps, self.config.num_train_timesteps)
         return ops.q_sample(sample, noise, timesteps, self.alphas_cumprod, target="v_prediction")[1]
 
     # --------------------------------------------------------------------- the sync-free loop
@@ -140,11 +118,38 @@ class SchedulerBase(ConfigMixin):
             timestep = timestep.item()
         if isinstance(timestep, float) and timestep.is_integer():
             timestep = int(timestep)
-        check_int("timestep", timestep, 0)
-        if timestep >= self.config.num_train_timesteps:
-            raise ValueError(f"timestep must be < num_train_timesteps={self.config.num_train_timesteps}, got {timestep}")
+        validation.timesteps("timestep", timestep, self.config.num_train_timesteps)
         return int(timestep)
 
+
+def check_config(config) -> None:
+    """The options of the shared schedule: types, choices, and β values that give a valid ᾱ table
+    (0 < β < 1: β ≤ 0 makes ᾱ grow past 1, β ≥ 1 makes it 0 or negative, NaN poisons every step)."""
+    T = validation.integer("num_train_timesteps", config.num_train_timesteps, minimum=1)
+    validation.one_of("beta_schedule", config.beta_schedule, BETA_SCHEDULES)
+    validation.one_of("prediction_type", config.prediction_type, PREDICTION_TYPES)
+    validation.one_of("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
+    validation.integer("steps_offset", config.steps_offset, minimum=0)
+    for flag in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
+        validation.boolean(flag, config[flag])
+    validation.real("dynamic_thresholding_ratio", config.dynamic_thresholding_ratio, 0, 1, min_open=True)
+    validation.real("clip_sample_range", config.clip_sample_range, 0, min_open=True)
+    validation.real("sample_max_value", config.sample_max_value, 0, min_open=True)
+    if config.trained_betas is not None:
+        try:
+            betas = torch.as_tensor(config.trained_betas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"trained_betas must be a list of numbers, got {type(config.trained_betas).__name__}") from None
+        if betas.ndim != 1 or len(betas) != T:
+            raise ValueError(f"trained_betas must hold num_train_timesteps = {T} values, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas < 1)).all()):  # also refuses NaN
+            bad = betas[~((betas > 0) & (betas < 1))]
+            raise ValueError(f"trained_betas must lie in (0, 1), got {len(bad)} value(s) outside it, e.g. {bad[0].item()}")
+    elif config.beta_schedule in ("linear", "scaled_linear", "sigmoid"):  # the schedules that use them
+        start = validation.real("beta_start", config.beta_start, 0, 1, min_open=True, max_open=True)
+        end = validation.real("beta_end", config.beta_end, 0, 1, min_open=True, max_open=True)
+        if start > end:
+            raise ValueError(f"beta_start must be <= beta_end, got beta_start={start} > beta_end={end}")
 
 
 def x0_limits(config) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import distributed, ops, validation
 from .io import load_tensors, read_json, save_tensors, write_json
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -37,10 +38,6 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 def _check(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ValueError(f"{field} {message}")
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass
@@ -63,10 +60,11 @@ class UNet2DConfig:
             _check(isinstance(value, (list, tuple)), field, f"must be a list or tuple of ints, got {value!r}")
             setattr(self, field, tuple(value))
         for field in ("sample_size", "in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
-            _check(_positive_int(getattr(self, field)), field, f"must be a positive int, got {getattr(self, field)!r}")
+            validation.integer(field, getattr(self, field), minimum=1)
         channels = self.block_out_channels
-        _check(len(channels) > 0 and all(map(_positive_int, channels)), "block_out_channels",
-               f"must be a non-empty sequence of positive ints, got {channels!r}")
+        _check(len(channels) > 0, "block_out_channels", "must be a non-empty sequence of positive ints, got ()")
+        for c in channels:
+            validation.integer("block_out_channels", c, minimum=1)
         _check(all(c % self.norm_num_groups == 0 for c in channels), "block_out_channels",
                f"{channels} must all be divisible by norm_num_groups={self.norm_num_groups}")
         # channels[0] is also the width of the sinusoidal embedding, whose frequencies divide by half-1
@@ -79,16 +77,13 @@ class UNet2DConfig:
                    f"has {size!r}, which is not a feature-map size of this U-Net; sizes are {self.resolutions}")
         attended = {channels[-1]} | {c for c, attn in zip(channels, self.attention_levels) if attn}
         if self.attention_head_dim is not None:
-            _check(_positive_int(self.attention_head_dim), "attention_head_dim",
-                   f"must be None or a positive int, got {self.attention_head_dim!r}")
+            validation.integer("attention_head_dim", self.attention_head_dim, minimum=1)
             _check(all(c % self.attention_head_dim == 0 for c in attended), "attention_head_dim",
                    f"{self.attention_head_dim} must divide the channels of every attention layer {sorted(attended)}")
-        _check(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0, "norm_eps",
-               f"must be > 0, got {self.norm_eps!r}")
-        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout",
-               f"must be in [0, 1), got {self.dropout!r}")
-        _check(self.num_classes is None or _positive_int(self.num_classes), "num_classes",
-               f"must be None or a positive int, got {self.num_classes!r}")
+        validation.real("norm_eps", self.norm_eps, 0, min_open=True)
+        validation.real("dropout", self.dropout, 0, 1, max_open=True)
+        if self.num_classes is not None:
+            validation.integer("num_classes", self.num_classes, minimum=1)
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -389,16 +384,25 @@ class UNet2D(nn.Module):
         if sample.shape[0] == 0 or sample.shape[2] % factor or sample.shape[3] % factor:
             raise ValueError(f"sample must have B >= 1 and H, W divisible by {factor} (trained at "
                              f"{self.config.sample_size}x{self.config.sample_size}), got {tuple(sample.shape)}")
+        if sample.dtype != self.dtype and not torch.is_autocast_enabled(sample.device.type):
+            raise TypeError(f"sample is {sample.dtype} but the U-Net's weights are {self.dtype}: cast one to the "
+                            f"other (sample.to({self.dtype}) or unet.to({sample.dtype})), or run under torch.autocast")
+        if sample.device != self.device:
+            raise ValueError(f"sample is on {sample.device} but the U-Net is on {self.device}: move one of them")
 
     def _timesteps(self, timestep, batch: int, device) -> torch.Tensor:
-        """int/float, () or (B,) tensor -> (B,) on ``device``."""
+        """int/float, () or (B,) tensor -> (B,) on ``device``; finite, >= 0 and below 2**24 (one
+        read-back, skipped inside ``validation.values_checked()``)."""
+        if isinstance(timestep, (str, bytes, bool)) or not isinstance(timestep, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"timestep must be a real number or a tensor, got {type(timestep).__name__}")
         t = torch.as_tensor(timestep, device=device)
         if t.is_complex() or t.dtype == torch.bool or t.numel() not in (1, batch) or t.ndim > 1:
             raise ValueError(f"timestep must be a real number or a tensor of shape () or ({batch},), "
                              f"got {t.dtype} {tuple(t.shape)}")
+        validation.unet_timesteps("timestep", t)
         return t.reshape(-1).expand(batch)
 
-    def _class_labels(self, class_labels, batch: int, device, check_values: bool = True) -> torch.Tensor | None:
+    def _class_labels(self, class_labels, batch: int, device) -> torch.Tensor | None:
         if not self.is_conditional:
             if class_labels is not None:
                 raise ValueError("class_labels given, but this model is unconditional (num_classes=None)")
@@ -411,23 +415,21 @@ class UNet2D(nn.Module):
                             f"{getattr(class_labels, 'dtype', type(class_labels).__name__)}")
         if class_labels.shape != (batch,):
             raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
-        if check_values and ((class_labels < 0) | (class_labels > self.null_class)).any():  # a host sync
-            raise ValueError(f"class_labels must lie in [0, {self.null_class}] ({self.null_class} = null class), "
-                             f"got values in [{class_labels.min().item()}, {class_labels.max().item()}]")
+        validation.in_range("class_labels", class_labels, 0, self.null_class, f" ({self.null_class} = null class)")
         return class_labels.to(device)
 
     # -- forward
-    def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None, *,
-                check_labels: bool = True) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """sample (B, C, H, W), timestep scalar or (B,), class_labels (B,) ints or None -> (B, C_out, H, W).
 
-        check_labels=False skips the check that the labels lie in [0, null class]: it reads the
-        labels back to the host (a GPU sync, and an error inside a CUDA-graph capture), so the
-        sampling loop checks its labels once up front and then passes False."""
+        The timesteps must be finite, >= 0 and < 2**24 and the labels in [0, null class]: checked by
+        reading them back to the host (a GPU sync, and an error inside a CUDA-graph capture), except
+        inside ``validation.values_checked()``, which the sampling loop and training enter after
+        checking (or drawing) their values once."""
         self._check_sample(sample)
         batch, device = sample.shape[0], sample.device
         t = self._timesteps(timestep, batch, device)  # (B,)
-        labels = self._class_labels(class_labels, batch, device, check_labels)  # (B,) or None
+        labels = self._class_labels(class_labels, batch, device)  # (B,) or None
 
         # The sinusoid is float32; cast it to the weights' dtype before the MLP (as diffusers).
         emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(self.dtype))  # (B, T)
@@ -454,7 +456,10 @@ class UNet2D(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, device=None, dtype: torch.dtype | None = None) -> UNet2D:
-        """Load what ``save_pretrained`` wrote, in eval mode; ``dtype=None`` keeps the saved dtype."""
+        """Load what ``save_pretrained`` wrote, in eval mode; ``dtype=None`` keeps the saved dtype.
+        ``device``: 'cpu', 'cuda', 'cuda:1', ...; ``dtype``: a float dtype or its name ('fp16', 'bf16', ...)."""
+        device = None if device is None else distributed.default_device(device)
+        dtype = None if dtype is None else validation.dtype("dtype", dtype)
         directory = Path(directory)
         data = read_json(directory / CONFIG_FILE, argument="config")
         try:

@@ -31,7 +31,7 @@ def test_info_lists_versions_and_backends(capsys):
         assert word in out
 
 
-@pytest.mark.parametrize("extra", [[], ["--scheduler", "ddpm"], ["--eta", "1", "--class", "2", "--batch", "3"],
+@pytest.mark.parametrize("extra", [[], ["--scheduler", "ddpm"], ["--eta", "1", "--class", "2", "--batch-size", "3"],
                                    ["--backend", "torch", "--guidance", "1"]])
 def test_sample_a_saved_model(tiny_model, tmp_path, extra, capsys):
     out = tmp_path / "grid.png"
@@ -65,7 +65,7 @@ def test_sample_channels_last_runs_the_unet_in_channels_last(tiny_model, tmp_pat
     assert np.abs(nchw - nhwc).max() <= 1  # the same images up to convolution rounding
 
 
-@pytest.mark.parametrize("extra, message", [(["--steps", "0"], "num_inference_steps"),
+@pytest.mark.parametrize("extra, message", [(["--steps", "0"], "argument --steps"),
                                             (["--class", "9"], "class_labels"),
                                             (["--model", "nowhere"], "path")])
 def test_sample_bad_input_is_a_message_not_a_traceback(tiny_model, extra, message, capsys):

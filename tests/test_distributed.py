@@ -159,10 +159,10 @@ def test_rerun_with_other_settings_is_refused(tiny_model, reference_set, tmp_pat
 
 
 @pytest.mark.parametrize("extra, message", [(["--outdir", "x"], "--num-images"),
-                                            (["--num-images", "0", "--outdir", "x"], "num_images"),
+                                            (["--num-images", "0", "--outdir", "x"], "argument --num-images"),
                                             (["--num-images", "3", "--outdir", "x", "--batch-size", "0"],
-                                             "batch_size"),
-                                            (["--num-images", "3", "--outdir", "x", "--batch", "4"], "--batch"),
+                                             "argument --batch-size"),
+                                            (["--num-images", "3", "--outdir", "x", "--scale", "4"], "--scale"),
                                             (["--num-images", "3", "--outdir", "x", "--class", "7"], "classes")])
 def test_bad_sampling_arguments_are_messages(tiny_model, tmp_path, extra, message, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

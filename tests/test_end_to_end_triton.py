@@ -68,7 +68,7 @@ def test_training_steps_match_the_reference(tmp_path, launches):
 
 def test_cli_samples_and_trains_with_backend_triton(tmp_path, launches, capsys, tiny_model):
     out = tmp_path / "grid.png"
-    assert main(["sample", "--model", str(tiny_model), "--out", str(out), "--steps", "2", "--batch", "2",
+    assert main(["sample", "--model", str(tiny_model), "--out", str(out), "--steps", "2", "--batch-size", "2",
                  "--no-progress", "--backend", "triton", "--device", DEVICE]) == 0
     assert out.stat().st_size > 0 and launches["ddim_step"] == 2 and launches["attention"] > 0
     assert main(["train", "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",

@@ -668,7 +668,7 @@ def test_trained_betas_of_the_wrong_length_is_an_error(kind):
 @pytest.mark.parametrize("steps", [0, -3, 101, 10.0, 2.5, "10", True, None])
 def test_bad_num_inference_steps_is_an_error(kind, steps):
     scheduler = getattr(fastdiff, kind)(num_train_timesteps=100)
-    with pytest.raises(ValueError, match="num_inference_steps"):
+    with pytest.raises((ValueError, TypeError), match="num_inference_steps"):
         scheduler.set_timesteps(steps)
 
 
@@ -717,7 +717,7 @@ def test_bad_step_tensors_are_errors(kind):
 def test_timestep_out_of_range_is_an_error(kind, timestep):
     scheduler = stepped(kind)
     sample = torch.randn(SHAPE)
-    with pytest.raises(ValueError, match="timestep"):
+    with pytest.raises((ValueError, TypeError), match="timestep"):
         scheduler.step(sample, timestep, sample)
 
 

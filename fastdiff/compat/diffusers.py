@@ -50,7 +50,7 @@ try:
 except ImportError as error:  # diffusers is an optional extra
     raise ImportError("fastdiff.compat.diffusers needs diffusers (tested with 0.42): pip install diffusers") from error
 
-from .. import ops
+from .. import ops, validation
 from ..backend import resolve
 from ..scheduling_ddim import fused_ddim_step
 from ..scheduling_ddpm import fused_ddpm_step
@@ -89,6 +89,7 @@ class _FusedNoising:
         """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε for per-sample ``timesteps`` (Ho et al. 2020, eq. 4)."""
         if not self._noising_fusable(original_samples, noise, timesteps):
             return super().add_noise(original_samples, noise, timesteps)
+        validation.timesteps("timesteps", timesteps, len(self.alphas_cumprod))  # -1 would wrap to the last ᾱ
         device = original_samples.device
         return ops.q_sample(original_samples, noise, timesteps.to(device), self._alphas_cumprod_on(device))
 
@@ -96,6 +97,7 @@ class _FusedNoising:
         """The v-prediction target v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022)."""
         if not self._noising_fusable(sample, noise, timesteps):
             return super().get_velocity(sample, noise, timesteps)
+        validation.timesteps("timesteps", timesteps, len(self.alphas_cumprod))
         device = sample.device
         table = self._alphas_cumprod_on(device)
         return ops.q_sample(sample, noise, timesteps.to(device), table, target="v_prediction")[1]
