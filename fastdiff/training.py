@@ -28,6 +28,12 @@ Files in ``out_dir``:
     checkpoint.safetensors  model, EMA, optimizer and RNG tensors; metadata: step, config, losses.
                             Rewritten atomically, so a crash mid-write keeps the previous one.
     pipeline/               the EMA model + a DDIM scheduler: ``fastdiff.load_pretrained(out_dir / "pipeline")``.
+
+Failing early. Before step 1 the run refuses what would otherwise fail or be lost at the end: an
+output location it cannot write, a batch larger than the data set, or one whose step cannot fit in
+the memory available. A loss or weights that turn NaN/inf stop the run with
+``TrainingDivergedError`` before anything of that step is written, so the checkpoint on disk stays
+the last good one and no NaN pipeline is saved.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,16 +53,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from . import distributed, ops
+from . import distributed, ops, validation
 from .data import load_dataset, num_classes
 from .io import load_tensors, read_metadata, save_tensors
+from .pipeline import TRAINING_PIPELINE as PIPELINE_DIR
 
 logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 CHECKPOINT_NAME = "checkpoint.safetensors"
-PIPELINE_DIR = "pipeline"
 CHECKPOINT_FORMAT = "fastdiff-train-checkpoint/1"
 # Fields a resumed run may change: where it writes, how often, how far it goes, where it runs.
 # Every other field changes what a step computes, so resuming with it changed is refused.
@@ -109,38 +116,31 @@ class TrainConfig:
     def __post_init__(self):
         if self.channels is None:
             self.channels = 1 if str(self.dataset) == "digits" else 3
-        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        v, field = validation, lambda name: f"TrainConfig.{name}"
+        v.one_of(field("prediction_type"), self.prediction_type, PREDICTION_TYPES)
+        v.one_of(field("beta_schedule"), self.beta_schedule, BETA_SCHEDULES)
         for name in ("num_train_timesteps", "steps", "batch_size", "checkpoint_every", "log_every"):
-            _check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
-        _check("warmup_steps", _is_int(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0")
-        _check("seed", _is_int(self.seed), "an integer")
-        _check("channels", self.channels in (1, 3), "1 or 3")
-        _check("image_size", _is_int(self.image_size) and self.image_size >= 8, "an integer >= 8")
-        _check("lr", self.lr > 0, "> 0")
-        _check("weight_decay", self.weight_decay >= 0, ">= 0")
-        _check("grad_clip", self.grad_clip > 0, "> 0")
-        _check("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)")
-        _check("label_dropout", 0 <= self.label_dropout <= 1, "in [0, 1]")
-        _check("model_overrides", isinstance(self.model_overrides, dict), "a dict")
+            v.integer(field(name), getattr(self, name), minimum=1)
+        v.integer(field("warmup_steps"), self.warmup_steps, minimum=0)
+        v.seed(field("seed"), self.seed)
+        v.one_of(field("channels"), self.channels, (1, 3))
+        v.integer(field("image_size"), self.image_size, minimum=8)
+        v.real(field("lr"), self.lr, 0, min_open=True)
+        v.real(field("weight_decay"), self.weight_decay, 0)
+        v.real(field("grad_clip"), self.grad_clip, 0, min_open=True)
+        v.real(field("ema_decay"), self.ema_decay, 0, 1, max_open=True)
+        v.real(field("label_dropout"), self.label_dropout, 0, 1)
+        if not isinstance(self.model_overrides, dict):
+            raise TypeError(f"TrainConfig.model_overrides must be a dict, got {type(self.model_overrides).__name__}")
 
     def to_dict(self) -> dict:
         """JSON-normal form (tuples as lists), so a config read back from a checkpoint compares equal."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(name: str, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"TrainConfig.{name} must be {expected}")
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"TrainConfig.{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+class TrainingDivergedError(validation.NonFiniteError):
+    """The loss or the weights became NaN or inf. Raised before anything of that step is written:
+    the checkpoint on disk is the last good one."""
 
 
 @dataclass
@@ -235,7 +235,9 @@ def train_step(model, optimizer, batch, alphas_cumprod, config: TrainConfig, ste
     device = alphas_cumprod.device
     x0, class_labels, timesteps, noise = (None if t is None else t.to(device) for t in batch)
     x_t, target = ops.q_sample(x0, noise, timesteps, alphas_cumprod, target=config.prediction_type)
-    loss = F.mse_loss(model(x_t, timesteps, class_labels=class_labels).float(), target.float())
+    with validation.values_checked():  # drawn in range: checking them would read them back every step
+        prediction = model(x_t, timesteps, class_labels=class_labels)
+    loss = F.mse_loss(prediction.float(), target.float())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -326,6 +328,176 @@ def load_checkpoint(path: Path, config, model, ema, optimizer, gen) -> tuple[int
     return int(metadata["step"]), json.loads(metadata["loss_history"])
 
 
+class Checkpoints:
+    """The run's checkpoint file: rank 0 writes it, every rank remembers which step it holds, so a
+    run that diverges can say where it can be resumed from."""
+
+    def __init__(self, path: Path, config: TrainConfig, model, ema, optimizer, gen, step: int):
+        self.path, self.config = path, config
+        self.model, self.ema, self.optimizer, self.gen = model, ema, optimizer, gen
+        self.step = step or None  # a run that starts at step > 0 was resumed from a checkpoint of that step
+
+    def save(self, step: int, losses: list[float]) -> None:
+        """Called on every rank: each checks its weights (identical across ranks, so all refuse together)."""
+        check_finite_weights(step, {"model": self.model, "ema": self.ema}, f"the step-{step} checkpoint", self)
+        if distributed.is_main():
+            save_checkpoint(self.path, self.config, step, losses, self.model, self.ema, self.optimizer, self.gen,
+                            world_size=distributed.world_size())
+        self.step = step
+
+    def resume_hint(self) -> str:
+        if self.step is None:
+            return "No checkpoint had been written yet."
+        return (f"{self.path} still holds step {self.step}, the last good one: --resume continues from it "
+                f"(`--resume --steps {self.step}` just writes its pipeline). Resuming replays the same steps, "
+                "so getting past the divergence takes a new run, e.g. with a lower --lr.")
+
+
+def check_finite_loss(loss: float, step: int, checkpoints: Checkpoints) -> None:
+    """``loss`` is the float ``train_step`` already read back for logging: checking it adds no host sync."""
+    if not math.isfinite(loss):
+        raise TrainingDivergedError(f"step {step}: the loss is {loss}; training diverged and stopped before "
+                                    f"writing anything of this step. {checkpoints.resume_hint()}")
+
+
+def check_finite_weights(step: int, modules: dict, target: str, checkpoints: Checkpoints) -> None:
+    """Refuse to write ``target`` from weights holding NaN/inf. One host sync for all the tensors, at a
+    save, which copies every tensor to the host anyway."""
+    named = {f"{prefix}.{k}": v for prefix, module in modules.items() for k, v in module.state_dict().items()
+             if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in named.values()]).tolist() if named else []
+    bad = [name for name, ok in zip(named, finite) if not ok]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingDivergedError(f"step {step}: NaN or inf in {shown}; training diverged, refusing to write "
+                                    f"{target}. {checkpoints.resume_hint()}")
+
+
+# ----------------------------------------------------------------------------- checks before step 1
+def check_before_training(device: torch.device, *checks) -> None:
+    """Run ``checks`` (each raises ValueError) on this rank. Under DDP every rank learns whether any
+    failed, so all stop together: one rank stopping alone would leave the others waiting in the first
+    all-reduce until the timeout."""
+    error = None
+    try:
+        for check in checks:
+            check()
+    except ValueError as err:
+        error = err
+    failed = distributed.all_reduce_sum(float(error is not None), device)
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"{failed:.0f} other process(es) refused to start training; see their messages")
+
+
+def pipeline_files(path: Path) -> list[Path]:
+    """The files ``save_pipeline`` writes under ``path`` (``DiffusionPipeline.save_pretrained``'s layout)."""
+    from .configuration import CONFIG_NAME
+    from .pipeline import INDEX_NAME
+    from .unet import CONFIG_FILE, WEIGHTS_FILE
+
+    return [path / INDEX_NAME, path / "unet" / CONFIG_FILE, path / "unet" / WEIGHTS_FILE,
+            path / "scheduler" / CONFIG_NAME]
+
+
+def check_outputs(out_dir: Path) -> None:
+    """Every file the run writes must be writable now, not only after the last step (rank 0 writes)."""
+    for path in [out_dir / CHECKPOINT_NAME, *pipeline_files(out_dir / PIPELINE_DIR)]:
+        validation.output_file("--out", path)
+
+
+def check_batch_size(config: TrainConfig, num_images: int) -> None:
+    """One process draws its batch from the whole data set (with replacement), so a batch larger than
+    the data set only repeats images: a typo, not a recipe. Under DDP ``EpochShards`` checks each
+    rank's share."""
+    if not distributed.is_distributed() and config.batch_size > num_images:
+        raise ValueError(f"batch_size {config.batch_size} is more than the {num_images} images in dataset "
+                         f"{config.dataset!r}; lower --batch-size to at most {num_images}")
+
+
+def saved_activation_bytes(model, config: TrainConfig, batch_size: int) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward pass at ``batch_size``, the
+    weights excluded (they are counted once, not per image). Views and repeats of one storage count once."""
+    device = next(model.parameters()).device
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}  # storage address -> bytes; all alive until the graph is freed, so no reuse
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = torch.zeros(batch_size, config.channels, config.image_size, config.image_size, device=device)
+    t = torch.zeros(batch_size, dtype=torch.long, device=device)
+    labels = torch.zeros(batch_size, dtype=torch.long, device=device) if model.is_conditional else None
+    # fork_rng: the forward's dropout must not move the RNG streams the run replays on resume.
+    with torch.random.fork_rng(devices=_cuda_indices(device)), torch.enable_grad(), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x, t, class_labels=labels)
+    return sum(saved.values())
+
+
+def step_memory(model, config: TrainConfig) -> tuple[int, int]:
+    """(bytes per image, bytes per step whatever the batch) a training step allocates on the model's
+    device beyond the weights and the EMA already there.
+
+    Counts: the tensors autograd saves for backward, measured at batch 1 (they scale with the batch:
+    every layer's saved input is (B, ...)), the batch's x0 and ε (x_t, the model's input, is among
+    the saved tensors), and per parameter its gradient and AdamW's two moments.
+    Leaves out: v-prediction's separate target, temporaries inside an op or between two (the
+    activation gradients alive at once in backward), the allocator's caching and fragmentation, the
+    CUDA context, DDP's gradient buckets, and on the CPU the data set, the process itself and the
+    other processes of a torchrun on the same machine. So it is a lower bound: a batch refused for
+    exceeding it cannot fit.
+    """
+    batch_bytes = 2 * config.channels * config.image_size ** 2 * 4  # two float32 (C, S, S) tensors per image
+    per_image = saved_activation_bytes(model, config, 1) + batch_bytes
+    grads_and_moments = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return per_image, grads_and_moments
+
+
+def available_memory(device: torch.device) -> tuple[int, str] | None:
+    """(bytes this process can still allocate on ``device``, where that number comes from); None where
+    it is unknown (no /proc/meminfo, other device types)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch reuses its cache
+        return free + cached, "free on the GPU, torch's cache included"
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+        except OSError:
+            pass
+    return None
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.3g} GiB"
+
+
+def check_memory(model, config: TrainConfig) -> None:
+    """Refuse a batch whose training step cannot fit in the memory available (``step_memory``)."""
+    device = next(model.parameters()).device
+    available = available_memory(device)
+    if available is None:
+        return
+    free, source = available
+    per_image, fixed = step_memory(model, config)
+    need = config.batch_size * per_image + fixed
+    if need > free:
+        fits = (free - fixed) // per_image
+        advice = (f"lower --batch-size to {fits} or less" if fits >= 1 else
+                  "not even a batch of 1 fits: use a smaller model or another device")
+        raise ValueError(f"batch_size {config.batch_size}: a training step needs at least {_gib(need)} on {device} "
+                         f"({_gib(per_image)} per image for the activations kept for backward, {_gib(fixed)} for "
+                         f"gradients and AdamW's moments), but only {_gib(free)} is available ({source}); {advice}")
+
+
 # ----------------------------------------------------------------------------- the loop
 def resolve_device(name: str) -> torch.device:
     """CUDA when available for "auto", else CPU; under torchrun "auto" and "cuda" mean cuda:LOCAL_RANK."""
@@ -348,9 +520,9 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     distributed.init_from_env(device)
     out_dir = Path(config.out_dir)
     checkpoint = out_dir / CHECKPOINT_NAME
-    if resume and not checkpoint.exists():
+    if resume and not checkpoint.is_file():
         raise ValueError(f"resume: no checkpoint at {checkpoint}; run without --resume to start training")
-    if not resume and checkpoint.exists():
+    if not resume and checkpoint.is_file():
         raise ValueError(f"{out_dir} already holds a checkpoint; pass --resume to continue it, "
                          "or choose another --out (refusing to overwrite a run)")
     images, labels = load_dataset(config.dataset, config.image_size, config.channels)
@@ -366,20 +538,21 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         gen = torch.Generator().manual_seed(config.seed)
+        check_before_training(device, lambda: check_batch_size(config, len(images)),
+                              lambda: check_memory(model, config),
+                              lambda: check_outputs(out_dir) if distributed.is_main() else None)
         step, losses = 0, []
         if resume:
             step, losses = load_checkpoint(checkpoint, config, model, ema, optimizer, gen)
             _remove_stale_temps(out_dir)
             if distributed.is_main():
                 logger.info("resumed from %s at step %d", checkpoint, step)
-
-        def save(at_step: int) -> None:
-            save_checkpoint(checkpoint, config, at_step, losses, model, ema, optimizer, gen,
-                            world_size=distributed.world_size())
-
+        checkpoints = Checkpoints(checkpoint, config, model, ema, optimizer, gen, step)
         next_batch = batch_source(images, labels, gen, config, model.null_class)
-        step = _run_steps(model, ema, optimizer, next_batch, alphas_cumprod, config, step, losses, save, progress)
+        step = _run_steps(model, ema, optimizer, next_batch, alphas_cumprod, config, step, losses, checkpoints,
+                          progress)
 
+    check_finite_weights(step, {"ema": ema}, f"the pipeline to {out_dir / PIPELINE_DIR}", checkpoints)
     if distributed.is_main():
         save_pipeline(ema, scheduler, out_dir / PIPELINE_DIR)
     distributed.barrier()  # every rank returns with the files in place
@@ -387,8 +560,9 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
                        step=step, model=model, ema=ema)
 
 
-def _run_steps(model, ema, optimizer, next_batch, alphas_cumprod, config, step, losses, save, progress) -> int:
-    """Steps ``step``+1 .. ``config.steps``; rank 0 logs and calls ``save(step)`` at checkpoints."""
+def _run_steps(model, ema, optimizer, next_batch, alphas_cumprod, config, step, losses, checkpoints,
+               progress) -> int:
+    """Steps ``step``+1 .. ``config.steps``; rank 0 logs, every rank calls ``checkpoints.save`` at checkpoints."""
     main = distributed.is_main()
     device = alphas_cumprod.device
     net = model
@@ -398,7 +572,9 @@ def _run_steps(model, ema, optimizer, next_batch, alphas_cumprod, config, step, 
     bar = tqdm(total=config.steps, initial=min(step, config.steps), disable=not (progress and main), desc="train")
     while step < config.steps:
         loss = train_step(net, optimizer, next_batch(step), alphas_cumprod, config, step)
-        losses.append(distributed.all_reduce_mean(loss, device))
+        loss = distributed.all_reduce_mean(loss, device)  # NaN on any rank makes it NaN on every rank
+        check_finite_loss(loss, step + 1, checkpoints)
+        losses.append(loss)
         ema_update(ema, model, ema_decay_at(config, step))
         step += 1
         bar.update(1)
@@ -406,8 +582,8 @@ def _run_steps(model, ema, optimizer, next_batch, alphas_cumprod, config, step, 
             recent = losses[-config.log_every:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
             logger.info("step %d: loss %.4f", step, sum(recent) / len(recent))
-        if main and (step % config.checkpoint_every == 0 or step == config.steps):
-            save(step)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            checkpoints.save(step, losses)
     bar.close()
     # Cheap insurance: DDP keeps replicas equal by construction; a silent divergence would corrupt the EMA.
     if not distributed.all_equal([*model.parameters(), *ema.parameters()], device):

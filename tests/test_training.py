@@ -1,4 +1,5 @@
-"""Training: the loss goes down, resuming is bit-exact, checkpoints survive crashes and refuse junk.
+"""Training: the loss goes down, resuming is bit-exact, checkpoints survive crashes and refuse junk,
+a run that cannot end well is refused before step 1, and a diverging run never writes NaN weights.
 
 Every run uses a tiny U-Net (two levels of 16/32 channels, ~0.1M parameters) so a test takes
 seconds on a CPU; dropout stays on (0.1, from the preset) so resuming must restore the global RNG.
@@ -7,16 +8,27 @@ seconds on a CPU; dropout stays on (0.1, from the preset) so resuming must resto
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_io import corrupt_data_section
+from test_validation import read_only_dir
 
 import fastdiff.io
+import fastdiff.training as training
 from fastdiff.data import digits_dataset, image_folder_dataset, load_dataset
 from fastdiff.io import load_tensors, save_tensors
-from fastdiff.training import CHECKPOINT_NAME, TrainConfig, add_arguments, read_checkpoint, run, train
+from fastdiff.training import (CHECKPOINT_NAME, PIPELINE_DIR, TrainConfig, TrainingDivergedError, add_arguments,
+                               pipeline_files, read_checkpoint, run, saved_activation_bytes, step_memory, train)
 
 TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
 
@@ -29,6 +41,17 @@ def tiny_config(tmp_path, name="run", **overrides) -> TrainConfig:
 
 def checkpoint_tensors(config: TrainConfig) -> dict[str, torch.Tensor]:
     return load_tensors(f"{config.out_dir}/{CHECKPOINT_NAME}")
+
+
+def parse_flags(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(flags))
+
+
+def no_step(*args, **kwargs):
+    """Stands in for ``train_step`` where a test wants the run refused before step 1."""
+    raise AssertionError("a training step ran: the run should have been refused before step 1")
 
 
 # ----------------------------------------------------------------------------- learning
@@ -139,22 +162,200 @@ def test_bad_checkpoint_is_refused_on_resume(tmp_path, damage):
         train(tiny_config(tmp_path), progress=False, resume=True)
 
 
+def test_corrupt_checkpoint_data_is_refused_before_any_step(tmp_path, monkeypatch):
+    train(tiny_config(tmp_path, steps=3), progress=False)
+    path = tmp_path / "run" / CHECKPOINT_NAME
+    corrupt_data_section(path)  # header intact: safetensors alone would load it
+    monkeypatch.setattr(training, "train_step", no_step)
+    with pytest.raises(ValueError, match=rf"checkpoint: {re.escape(str(path))} is corrupt"):
+        train(tiny_config(tmp_path), progress=False, resume=True)
+
+
+def test_cli_resume_from_a_corrupt_checkpoint_exits_nonzero_without_training(tmp_path):
+    flags = ["--out", str(tmp_path / "cli"), "--batch-size", "4", "--checkpoint-every", "1", "--device", "cpu",
+             "--no-progress"]
+    assert run(parse_flags("--steps", "1", *flags)) == 0
+    path = tmp_path / "cli" / CHECKPOINT_NAME
+    corrupt_data_section(path)
+    corrupted = path.read_bytes()
+    result = subprocess.run([sys.executable, "-m", "fastdiff", "train", "--resume", "--steps", "2", *flags],
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+                            env={**os.environ, "FASTDIFF_BACKEND": "torch", "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert str(path) in result.stderr and "corrupt" in result.stderr, result.stderr
+    assert "trained" not in result.stdout
+    assert path.read_bytes() == corrupted  # no step ran, nothing was saved over it
+
+
+# ----------------------------------------------------------------------------- refused before step 1
+@pytest.mark.parametrize("kind, obstacle, out", [
+    ("file", "run", "run"),  # --out is a file
+    ("file", "parent", "parent/run"),  # a folder above it is
+    ("dir", f"run/{CHECKPOINT_NAME}", "run"),
+    ("file", f"run/{PIPELINE_DIR}", "run"),
+    ("file", f"run/{PIPELINE_DIR}/unet", "run"),
+    ("dir", f"run/{PIPELINE_DIR}/unet/model.safetensors", "run"),
+])
+def test_an_out_that_cannot_be_written_is_refused_before_step_1(tmp_path, monkeypatch, kind, obstacle, out):
+    obstacle = tmp_path / obstacle  # a file where a folder must go, or a folder where a file must go
+    obstacle.parent.mkdir(parents=True, exist_ok=True)
+    obstacle.mkdir() if kind == "dir" else obstacle.write_text("")
+    monkeypatch.setattr(training, "train_step", no_step)
+    # a folder where a file goes: "<obstacle> is a folder"; a file where a folder goes: "... <obstacle> is a file"
+    with pytest.raises(ValueError, match=rf"--out: (cannot write .*: )?{re.escape(str(obstacle))} is a"):
+        train(tiny_config(tmp_path, out_dir=str(tmp_path / out)), progress=False)
+
+
+def test_an_out_in_a_read_only_directory_is_refused_before_step_1(tmp_path, monkeypatch):
+    parent = read_only_dir(tmp_path)  # skips where chmod cannot stop this process (root)
+    monkeypatch.setattr(training, "train_step", no_step)
+    try:
+        with pytest.raises(ValueError, match=rf"--out: cannot write .*{re.escape(str(parent))}"):
+            train(tiny_config(tmp_path, out_dir=str(parent / "run")), progress=False)
+    finally:
+        parent.chmod(0o755)
+
+
+def test_an_out_where_creating_files_fails_is_refused_before_step_1(tmp_path, monkeypatch):
+    """The read-only case where chmod cannot produce it: the write probe itself fails."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fastdiff.io.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(training, "train_step", no_step)
+    with pytest.raises(ValueError, match=r"--out: cannot write .*Permission denied"):
+        train(tiny_config(tmp_path), progress=False)
+
+
+def test_pipeline_files_are_what_save_pipeline_writes(tmp_path):
+    """``check_outputs`` checks ``pipeline_files``: it must list exactly the files a pipeline save writes."""
+    result = train(tiny_config(tmp_path, steps=1), progress=False)
+    written = sorted(p for p in result.pipeline_path.rglob("*") if p.is_file())
+    assert written == sorted(pipeline_files(result.pipeline_path))
+
+
+def test_a_batch_larger_than_the_data_set_is_refused_before_step_1(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "train_step", no_step)
+    args = parse_flags("--out", str(tmp_path / "run"), "--batch-size", "100000", "--device", "cpu", "--no-progress")
+    with pytest.raises(ValueError, match=r"batch_size 100000 is more than the 1797 images in dataset 'digits'; "
+                                         r"lower --batch-size to at most 1797"):
+        run(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_refused_before_step_1(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, steps=1)
+    per_image, fixed = step_memory(training.build_model(config, 10), config)
+    available = fixed + 20 * per_image  # room for a batch of 20: 32 does not fit
+    monkeypatch.setattr(training, "available_memory", lambda device: (available, "a test's budget"))
+    real_step = training.train_step
+    monkeypatch.setattr(training, "train_step", no_step)
+    with pytest.raises(ValueError, match=rf"batch_size 32: a training step needs at least .* GiB on cpu .* but only "
+                                         rf"{available / 2**30:.3g} GiB is available \(a test's budget\); lower "
+                                         r"--batch-size to 20 or less"):
+        train(config, progress=False)
+    monkeypatch.setattr(training, "train_step", real_step)
+    assert train(tiny_config(tmp_path, steps=1, batch_size=20), progress=False).step == 1
+    monkeypatch.setattr(training, "available_memory", lambda device: (fixed + per_image - 1, "a test's budget"))
+    with pytest.raises(ValueError, match="not even a batch of 1 fits"):
+        train(tiny_config(tmp_path, "other", steps=1), progress=False)
+
+
+def test_the_activation_estimate_scales_with_the_batch_and_keeps_the_rng(tmp_path):
+    """``step_memory`` measures at batch 1 and multiplies: check that the saved bytes are linear in B."""
+    config = tiny_config(tmp_path)
+    model = training.build_model(config, 10)
+    state = torch.get_rng_state()
+    one, eight = saved_activation_bytes(model, config, 1), saved_activation_bytes(model, config, 8)
+    assert torch.equal(torch.get_rng_state(), state)  # dropout ran under fork_rng: resume stays exact
+    assert one > 0 and 0.9 * 8 * one <= eight <= 1.1 * 8 * one, (one, eight)
+
+
+# ----------------------------------------------------------------------------- divergence
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_step, real_save = training.train_step, training.save_checkpoint
+    written = {}
+
+    def nan_at_step_5(model, optimizer, batch, alphas_cumprod, config, step):
+        loss = real_step(model, optimizer, batch, alphas_cumprod, config, step)
+        return math.nan if step + 1 == 5 else loss  # step is 0-based: this is the 5th step
+
+    def recording_save(path, config, step, *args, **kwargs):
+        real_save(path, config, step, *args, **kwargs)
+        written[step] = path.read_bytes()
+
+    monkeypatch.setattr(training, "train_step", nan_at_step_5)
+    monkeypatch.setattr(training, "save_checkpoint", recording_save)
+    path = tmp_path / "run" / CHECKPOINT_NAME
+    with pytest.raises(TrainingDivergedError, match=rf"step 5: the loss is nan; .*{re.escape(str(path))} still "
+                                                    r"holds step 3"):
+        train(tiny_config(tmp_path), progress=False)  # 6 steps, checkpoints at 3 and 6
+    assert issubclass(TrainingDivergedError, RuntimeError)  # the CLI turns it into a message and exit 2
+    assert list(written) == [3] and path.read_bytes() == written[3]
+    assert not (tmp_path / "run" / PIPELINE_DIR).exists()
+
+    monkeypatch.undo()
+    assert train(tiny_config(tmp_path), progress=False, resume=True).step == 6
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    real_step = training.train_step
+
+    def inf_weight_after_step_6(model, optimizer, batch, alphas_cumprod, config, step):
+        loss = real_step(model, optimizer, batch, alphas_cumprod, config, step)  # finite: computed before the update
+        if step + 1 == 6:
+            with torch.no_grad():
+                model.conv_out.weight[0, 0, 0, 0] = math.inf
+        return loss
+
+    monkeypatch.setattr(training, "train_step", inf_weight_after_step_6)
+    with pytest.raises(TrainingDivergedError, match=r"step 6: NaN or inf in model.conv_out.weight, "
+                                                    r"ema.conv_out.weight; .*refusing to write the step-6 checkpoint"):
+        train(tiny_config(tmp_path), progress=False)
+    _, metadata = read_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    assert metadata["step"] == "3"
+    assert not (tmp_path / "run" / PIPELINE_DIR).exists()
+
+
+def test_a_nan_pipeline_is_never_written(tmp_path):
+    """A checkpoint with NaN EMA weights (from before these checks) resumed at its last step: no pipeline."""
+    train(tiny_config(tmp_path, steps=3), progress=False)
+    pipeline = tmp_path / "run" / PIPELINE_DIR
+    shutil.rmtree(pipeline)
+    path = tmp_path / "run" / CHECKPOINT_NAME
+    tensors, metadata = training.read_checkpoint(path)
+    tensors["ema.conv_out.bias"][0] = math.nan
+    save_tensors(tensors, path, metadata=metadata)  # a valid checksum over the NaN
+    with pytest.raises(TrainingDivergedError, match=r"step 3: NaN or inf in ema.conv_out.bias; .*refusing to write "
+                                                    r"the pipeline"):
+        train(tiny_config(tmp_path, steps=3), progress=False, resume=True)
+    assert not pipeline.exists()
+
+
 # ----------------------------------------------------------------------------- config
 @pytest.mark.parametrize("field, value", [
     ("prediction_type", "foo"), ("beta_schedule", "cubic"), ("steps", 0), ("batch_size", 0),
     ("label_dropout", 1.5), ("label_dropout", -0.1), ("ema_decay", 1.0), ("lr", 0.0), ("grad_clip", 0.0),
     ("channels", 2), ("checkpoint_every", 0), ("warmup_steps", -1),
+    ("lr", math.inf), ("lr", math.nan), ("lr", "1e-3"), ("weight_decay", math.inf), ("weight_decay", math.nan),
+    ("grad_clip", math.inf), ("grad_clip", math.nan), ("ema_decay", math.nan), ("label_dropout", math.nan),
+    ("seed", 2**64), ("seed", -1), ("seed", 1.0),
 ])
 def test_bad_config_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises((ValueError, TypeError), match=field):  # TypeError for a string or a float seed
         TrainConfig(**{field: value})
 
 
+def test_seed_range_is_torch_generators():
+    for seed in (0, 2**64 - 1):
+        torch.Generator().manual_seed(TrainConfig(seed=seed).seed)
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        run(parse_flags("--lr", "inf", "--device", "cpu"))
+
+
 def test_cli_flags_build_the_config(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--out", str(tmp_path / "cli"), "--steps", "2", "--batch-size", "4",
-                              "--checkpoint-every", "1", "--device", "cpu", "--no-progress"])
+    args = parse_flags("--out", str(tmp_path / "cli"), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1",
+                       "--device", "cpu", "--no-progress")
     assert run(args) == 0
     assert "pipeline saved to" in capsys.readouterr().out
     _, metadata = read_checkpoint(tmp_path / "cli" / CHECKPOINT_NAME)
