@@ -73,15 +73,8 @@ def _run(name: str, tensor: torch.Tensor, *args, **kwargs):
 
 
 # ----------------------------------------------------------------------------- input checks
-def _floating(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-
-
 def _same_shape(name: str, x, like_name: str, like: torch.Tensor) -> None:
-    _floating(name, x)
+    validation.tensor(name, x, floating=True)
     if x.shape != like.shape:
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {like_name}'s shape {tuple(like.shape)}")
 
@@ -97,7 +90,7 @@ def _alpha_bar(name: str, value) -> None:
 
 def _check_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, prediction_type, uncond_model_output,
                 guidance_scale, clip_sample_range, dynamic_thresholding_ratio, sample_max_value) -> None:
-    _floating("sample", sample)
+    validation.tensor("sample", sample, floating=True)
     _same_shape("model_output", model_output, "sample", sample)
     if noise is not None:
         _same_shape("noise", noise, "sample", sample)
@@ -120,13 +113,12 @@ def _check_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, pr
 # ----------------------------------------------------------------------------- the ops
 def q_sample(x0, noise, timesteps, alphas_cumprod, target=None):
     """Forward noising x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; see ``reference.q_sample``."""
-    _floating("x0", x0)
+    validation.tensor("x0", x0, floating=True)
     _same_shape("noise", noise, "x0", x0)
-    if not isinstance(timesteps, torch.Tensor) or timesteps.is_floating_point() or timesteps.is_complex():
-        raise TypeError("timesteps must be an integer torch.Tensor of shape () or (B,)")
+    validation.tensor("timesteps", timesteps, integer=True)
     if timesteps.numel() not in (1, x0.shape[0]) or timesteps.ndim > 1:
         raise ValueError(f"timesteps must have shape () or ({x0.shape[0]},), got {tuple(timesteps.shape)}")
-    _floating("alphas_cumprod", alphas_cumprod)
+    validation.tensor("alphas_cumprod", alphas_cumprod, floating=True)
     if alphas_cumprod.ndim != 1:
         raise ValueError(f"alphas_cumprod must be 1-D, got shape {tuple(alphas_cumprod.shape)}")
     # values checked on the CPU only: a GPU read-back would stall every training step (the
@@ -176,7 +168,7 @@ def attention(q, k, v, scale=None):
     Kernel: flash-style forward, head dims up to 256. Under autograd (q, k or v requiring grad)
     the reference runs: the kernel has no backward."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _floating(name, x)
+        validation.tensor(name, x, floating=True)
         if x.ndim != 4:
             raise ValueError(f"{name} must have shape (B, H, N, D), got {tuple(x.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -193,7 +185,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
     """GroupNorm over (B, C, ...) with optional fused SiLU; see ``reference.group_norm``.
 
     Under autograd (x, weight or bias requiring grad) the reference runs: the kernel has no backward."""
-    _floating("x", x)
+    validation.tensor("x", x, floating=True)
     if x.ndim < 2:
         raise ValueError(f"x must have shape (B, C, ...), got {tuple(x.shape)}")
     if not isinstance(num_groups, int) or num_groups < 1 or x.shape[1] % num_groups:

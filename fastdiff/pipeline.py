@@ -175,14 +175,13 @@ class DiffusionPipeline:
             labels = torch.as_tensor(class_labels, device=self.device)
         except (TypeError, ValueError, RuntimeError):  # a list holding strings or ragged lists
             raise TypeError(f"{expected} {class_labels!r}") from None
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"class_labels must be integers, got dtype {labels.dtype}")
+        validation.tensor("class_labels", labels, integer=True)
         if labels.ndim == 0:
             labels = labels.expand(batch_size)
         if labels.shape != (batch_size,):
             raise ValueError(f"class_labels must be one int or {batch_size} ints (batch_size), got shape {tuple(labels.shape)}")
-        if labels.min() < 0 or labels.max() >= self.unet.num_classes:
-            raise ValueError(f"class_labels must lie in [0, {self.unet.num_classes}), got {labels.tolist()}")
+        validation.in_range("class_labels", labels, 0, self.unet.num_classes - 1,
+                            f" (the model's {self.unet.num_classes} classes)")
         return labels.long()
 
     def _guidance(self, guidance_scale, labels) -> float | None:

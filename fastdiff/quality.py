@@ -124,9 +124,7 @@ def images_to_digits(images: torch.Tensor) -> np.ndarray:
         raise ValueError(f"images must be (B, 1, H, H) with H a multiple of {DIGIT_SIZE}; "
                          f"got {tuple(images.shape)}")
     x = images.detach().to("cpu", torch.float64)
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        raise ValueError(f"images hold {bad} non-finite values (did the sampler diverge?)")
+    validation.finite("images", x)
     pixels16 = ((x * 2 - 1) + 1) * 8  # [0, 1] → [-1, 1] → 0..16
     pooled = F.avg_pool2d(pixels16, kernel_size=x.shape[2] // DIGIT_SIZE)  # (B, 1, 8, 8)
     return (pooled.clamp(0, 16) / 16).reshape(len(x), -1).numpy()  # (B, 64)

@@ -108,10 +108,8 @@ class SchedulerBase(ConfigMixin):
         """Validate a ``step`` call; return the timestep as a Python int."""
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}.step called before set_timesteps(num_inference_steps)")
-        for name, x in (("model_output", model_output), ("sample", sample)):
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
-                                f"{getattr(x, 'dtype', type(x).__name__)}")
+        validation.tensor("model_output", model_output, floating=True)
+        validation.tensor("sample", sample, floating=True)
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1 or timestep.is_floating_point():
                 raise ValueError(f"timestep must be a single integer, got a tensor of shape {tuple(timestep.shape)}")

@@ -375,9 +375,7 @@ class UNet2D(nn.Module):
 
     # -- input checks
     def _check_sample(self, sample) -> None:
-        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
-            raise TypeError(f"sample must be a floating-point torch.Tensor, got "
-                            f"{sample.dtype if isinstance(sample, torch.Tensor) else type(sample).__name__}")
+        validation.tensor("sample", sample, floating=True)
         factor = 2 ** (len(self.config.block_out_channels) - 1)
         if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(f"sample must have shape (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}")
@@ -409,10 +407,7 @@ class UNet2D(nn.Module):
             return None
         if class_labels is None:  # no labels: the unconditional (null-class) prediction
             return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
-        if (not isinstance(class_labels, torch.Tensor) or class_labels.is_floating_point()
-                or class_labels.is_complex() or class_labels.dtype == torch.bool):
-            raise TypeError(f"class_labels must be an integer torch.Tensor, got "
-                            f"{getattr(class_labels, 'dtype', type(class_labels).__name__)}")
+        validation.tensor("class_labels", class_labels, integer=True)
         if class_labels.shape != (batch,):
             raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
         validation.in_range("class_labels", class_labels, 0, self.null_class, f" ({self.null_class} = null class)")

@@ -177,12 +177,15 @@ def dtype(argument: str, value) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- tensors
-def tensor(argument: str, value, *, floating: bool = False) -> torch.Tensor:
-    """A torch.Tensor (floating-point when asked)."""
+def tensor(argument: str, value, *, floating: bool = False, integer: bool = False) -> torch.Tensor:
+    """A torch.Tensor; of a floating-point dtype with ``floating``, of an integer one (not bool)
+    with ``integer``."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{argument} must be a torch.Tensor, got {type(value).__name__}")
     if floating and not value.is_floating_point():
         raise TypeError(f"{argument} must be a floating-point tensor, got dtype {value.dtype}")
+    if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{argument} must be an integer tensor, got dtype {value.dtype}")
     return value
 
 
@@ -235,8 +238,7 @@ def timesteps(argument: str, t, num_train_timesteps: int, *, on_device: bool = T
     checks the values of a CPU tensor only (for per-step ops, where a GPU read-back would stall
     the queue; the public entry points check everywhere)."""
     if isinstance(t, torch.Tensor):
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{argument} must be an integer tensor, got dtype {t.dtype}")
+        tensor(argument, t, integer=True)
         if not _can_read_back(t) or not t.numel() or (t.device.type != "cpu" and not on_device):
             return
         lo, hi = (int(v) for v in torch.aminmax(t.detach()))

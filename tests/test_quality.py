@@ -55,7 +55,7 @@ def test_images_to_digits_rejects_bad_shapes(shape):
 def test_images_to_digits_rejects_non_finite():
     images = torch.rand(2, 1, 16, 16)
     images[1, 0, 3, 3] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="NaN or infinite"):
         quality.images_to_digits(images)
 
 

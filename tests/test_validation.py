@@ -139,7 +139,7 @@ PIPELINE_CASES = [
     ({"generator": [0, 1]}, TypeError, "generator must be a torch.Generator"),
     ({"class_labels": "3"}, TypeError, "class_labels must be an int, a list of ints or an integer tensor"),
     ({"class_labels": ["3", "1"]}, TypeError, "class_labels must be an int, a list of ints"),
-    ({"class_labels": 3}, ValueError, "class_labels must lie in [0, 3)"),
+    ({"class_labels": 3}, ValueError, "class_labels must lie in [0, 2] (the model's 3 classes)"),
     ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1"),
     ({"num_inference_steps": 0}, ValueError, "num_inference_steps must be an integer in [1, 50]"),
     ({"progress": "no"}, TypeError, "progress must be True or False"),
