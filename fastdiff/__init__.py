@@ -4,8 +4,7 @@ __version__ = "0.1.0"
 
 from . import ops, reference
 from .backend import get_backend, use_backend
-from .scheduling_ddim import DDIMScheduler, DDIMSchedulerOutput
-from .scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
+from .schedulers import DDIMScheduler, DDIMSchedulerOutput, DDPMScheduler, DDPMSchedulerOutput
 from .unet import UNet2D, UNet2DConfig
 from .pipeline import DiffusionPipeline, ImagePipelineOutput, load_pretrained
 

@@ -198,8 +198,7 @@ def _with_scheduler(pipe, scheduler: str):
     """A pipeline sharing ``pipe``'s U-Net with a ``scheduler`` built from its scheduler config
     (the caller's pipeline is left as it was)."""
     from .pipeline import DiffusionPipeline
-    from .scheduling_ddim import DDIMScheduler
-    from .scheduling_ddpm import DDPMScheduler
+    from .schedulers import DDIMScheduler, DDPMScheduler
 
     if not isinstance(pipe, DiffusionPipeline):
         raise TypeError(f"pipe must be a fastdiff.DiffusionPipeline, got {type(pipe).__name__}")

@@ -22,7 +22,7 @@ from . import reference, validation
 from .backend import get_backend, resolve
 from .reference import NOISING_TARGETS, PREDICTION_TYPES, VARIANCE_TYPES
 
-OP_NAMES = ("q_sample", "ddpm_step", "ddim_step", "attention", "group_norm")
+OP_NAMES = ("q_sample", "ddpm_step", "ddim_step", "multistep_update", "attention", "group_norm")
 
 
 def _kernel(name: str, strict: bool = False) -> Callable | None:
@@ -160,6 +160,39 @@ def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None,
         clip_sample_range=clip_sample_range, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
         sample_max_value=sample_max_value, use_clipped_model_output=use_clipped_model_output,
         uncond_model_output=uncond_model_output, guidance_scale=guidance_scale)
+
+
+def multistep_update(model_output, sample, row, slots, noise=None, *, uncond_model_output=None, guidance_scale=1.0,
+                     dynamic_thresholding_ratio=None, sample_max_value=1.0, return_converted=False):
+    """One step of DPM-Solver, UniPC, Euler or PNDM, packed as ``row``; see ``reference.multistep_update``.
+
+    The row's values are not checked here (they come from ``fastdiff.schedulers.linear``, and on a
+    GPU reading them would stall the queue); their shape and dtype are."""
+    validation.tensor("sample", sample, floating=True)
+    _same_shape("model_output", model_output, "sample", sample)
+    if noise is not None:
+        _same_shape("noise", noise, "sample", sample)
+    guidance_scale = validation.real("guidance_scale", guidance_scale)
+    if uncond_model_output is not None:
+        _same_shape("uncond_model_output", uncond_model_output, "model_output", model_output)
+    elif guidance_scale != 1:
+        raise ValueError(f"guidance_scale={guidance_scale:g} needs uncond_model_output (classifier-free guidance "
+                         "combines it with model_output); pass it, or leave guidance_scale at 1")
+    validation.tensor("row", row, floating=True)
+    if row.shape != (reference.ROW_SIZE,):
+        raise ValueError(f"row must have shape ({reference.ROW_SIZE},) (a step packed by fastdiff.schedulers.linear), "
+                         f"got {tuple(row.shape)}")
+    validation.tensor("slots", slots, floating=True)
+    if slots.shape != (reference.MULTISTEP_SLOTS, *sample.shape) or slots.dtype != sample.dtype:
+        raise ValueError(f"slots must be a {sample.dtype} tensor of shape ({reference.MULTISTEP_SLOTS}, "
+                         f"*{tuple(sample.shape)}), got {slots.dtype} {tuple(slots.shape)}")
+    if dynamic_thresholding_ratio is not None:
+        validation.real("dynamic_thresholding_ratio", dynamic_thresholding_ratio, 0, 1, min_open=True)
+        validation.real("sample_max_value", sample_max_value, 0, min_open=True)
+    return _run("multistep_update", sample, model_output, sample, row, slots, noise,
+                uncond_model_output=uncond_model_output, guidance_scale=guidance_scale,
+                dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+                return_converted=validation.boolean("return_converted", return_converted))
 
 
 def attention(q, k, v, scale=None):

@@ -20,9 +20,8 @@ from . import validation
 from .images import image_grid, save_image_grid
 from .io import read_json, write_json
 from .sampling_loop import SamplingLoop, check_cuda_graph, loop_key
-from .schedules import randn_tensor
-from .scheduling_ddim import DDIMScheduler
-from .scheduling_ddpm import DDPMScheduler
+from .schedulers import DDIMScheduler, DDPMScheduler
+from .schedulers.schedule import randn_tensor
 from .unet import UNet2D
 
 SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler)}

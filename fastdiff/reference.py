@@ -210,6 +210,74 @@ def ddim_step(
     return prev_sample, pred_original_sample
 
 
+# ----------------------------------------------------------------------------- linear multistep steps
+# A step of DPM-Solver, UniPC, Euler or PNDM is linear in what it combines (see
+# fastdiff.schedulers.linear for the derivations). The sampler's memory between steps is
+# MULTISTEP_SLOTS tensors shaped like the sample: slots 0-2 a ring of converted model outputs,
+# slot 3 "last" and slot 4 "acc". A step is one packed float32 row:
+MULTISTEP_SLOTS = 5
+MULTISTEP_INPUTS = 3 + MULTISTEP_SLOTS  # v = (x, c, z, slot 0, ..., slot 4)
+ROW_CONVERT = 0  # a, b, e, d: c = (a·x + b·m + e·z) / d
+ROW_OUT = 4  # MULTISTEP_INPUTS coefficients of x_next over v
+ROW_LAST = ROW_OUT + MULTISTEP_INPUTS  # ... of slot 3's new value
+ROW_ACC = ROW_LAST + MULTISTEP_INPUTS  # ... of slot 4's new value
+ROW_PUSH = ROW_ACC + MULTISTEP_INPUTS  # the ring slot (0-2) c is written to, or -1
+ROW_SETS = ROW_PUSH + 1  # 1.0 where slot 3, slot 4 take their new value
+ROW_READS = ROW_SETS + 2  # 1.0 for each slot the step reads (others are neither read nor combined)
+ROW_RECONVERT = ROW_READS + MULTISTEP_SLOTS  # f, g: c ← f·x + g·c after thresholding (ε from a thresholded x̂0)
+ROW_SIZE = ROW_RECONVERT + 2
+
+
+def _combine(row, offset, inputs):
+    """Σ_j row[offset + j]·v_j, summed in order j = 0, 1, ... (as the kernel sums); absent inputs skipped."""
+    total = row[offset] * inputs[0]
+    for j, value in enumerate(inputs[1:], start=1):
+        if value is not None:
+            total = total + row[offset + j] * value
+    return total
+
+
+def multistep_update(model_output, sample, row, slots, noise=None, *, uncond_model_output=None,
+                     guidance_scale=1.0, dynamic_thresholding_ratio=None, sample_max_value=1.0,
+                     return_converted=False):
+    """One step of a linear multistep sampler: returns (x_next, c or None) and updates ``slots``.
+
+    model_output, sample, noise: (B, ...); row: (ROW_SIZE,) float32, a step packed by
+    ``fastdiff.schedulers.linear``; slots: (MULTISTEP_SLOTS, B, ...) in the sample's dtype, read,
+    then written in place. With ``dynamic_thresholding_ratio`` the converted output (x̂0) is
+    thresholded (``dynamic_threshold``), then re-expressed as f·x + g·c (the row's ROW_RECONVERT:
+    ε-space solvers take ε back from the thresholded x̂0). Computed in float32, rounded once to the
+    sample's dtype. No value is read back to the host (the row's flags act through
+    ``torch.where``), so this runs inside a CUDA graph too.
+    """
+    f = row.to(device=sample.device, dtype=torch.float32).unbind()  # 0-d tensors
+    x, m = sample.float(), model_output.float()
+    if uncond_model_output is not None:
+        m = guide(m, uncond_model_output.float(), guidance_scale)
+    z = None if noise is None else noise.float()
+    reads = [f[ROW_READS + k] > 0 for k in range(MULTISTEP_SLOTS)]
+    values = [torch.where(read, slot.float(), 0.0) for read, slot in zip(reads, slots)]
+
+    # the model output converted to what the solver integrates (x̂0 or ε̂), then x_next and the slots
+    converted = f[ROW_CONVERT] * x + f[ROW_CONVERT + 1] * m
+    if z is not None:
+        converted = converted + f[ROW_CONVERT + 2] * z
+    converted = converted / f[ROW_CONVERT + 3]
+    if dynamic_thresholding_ratio is not None:
+        converted = dynamic_threshold(converted, dynamic_thresholding_ratio, sample_max_value)
+        converted = f[ROW_RECONVERT] * x + f[ROW_RECONVERT + 1] * converted
+    inputs = [x, converted, z, *values]
+    prev_sample = _combine(f, ROW_OUT, inputs)
+    last, acc = _combine(f, ROW_LAST, inputs), _combine(f, ROW_ACC, inputs)
+
+    stored = converted.to(slots.dtype)
+    for k in range(3):
+        slots[k].copy_(torch.where(f[ROW_PUSH] == k, stored, slots[k]))
+    slots[3].copy_(torch.where(f[ROW_SETS] > 0, last.to(slots.dtype), slots[3]))
+    slots[4].copy_(torch.where(f[ROW_SETS + 1] > 0, acc.to(slots.dtype), slots[4]))
+    return prev_sample.to(sample.dtype), converted.to(sample.dtype) if return_converted else None
+
+
 # ----------------------------------------------------------------------------- U-Net ops
 def attention(q, k, v, scale=None):
     """softmax(q·kᵀ·scale)·v over (B, H, Nq, D) × (B, H, Nk, D) -> (B, H, Nq, D), in float32.

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from . import validation
 from .backend import get_backend
-from .schedules import randn_tensor
-from .scheduling_utils import StepTables
+from .schedulers.base import StepTables
+from .schedulers.linear import INPUT_SCALE, slot_buffers
+from .schedulers.schedule import randn_tensor
 
 
 class SamplingLoop:
@@ -52,6 +53,7 @@ class SamplingLoop:
         self.unet, self.scheduler, self.guidance, self.step_kwargs = unet, scheduler, guidance, dict(step_kwargs)
         self.tables = tables.to(unet.device)
         self.sample = torch.empty(shape, **like)  # x_t
+        self.slots = slot_buffers(self.sample) if tables.slots else None  # a multistep sampler's memory
         self.index = torch.zeros(1, dtype=torch.int64, device=unet.device)  # i
         self.noise = torch.empty(shape, **like) if any(tables.noisy) else None  # z
         self.labels = None if labels is None else labels.clone()  # (B,), or (2B,) with guidance
@@ -62,6 +64,8 @@ class SamplingLoop:
         """Start over from x_T = ``sample`` with ``labels``: device copies only."""
         self.sample.copy_(sample)
         self.index.zero_()
+        if self.slots is not None:
+            self.slots.zero_()
         if labels is not None:
             self.labels.copy_(labels)
 
@@ -73,15 +77,16 @@ class SamplingLoop:
     def step(self, noisy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One step at the device-side index; returns (x_{t-1}, x̂0) and leaves x_{t-1} in ``sample``."""
         t = self.tables.timesteps.index_select(0, self.index)  # (1,)
-        alpha_prod_t, alpha_prod_t_prev = self.tables.alphas.index_select(0, self.index)[0].unbind()  # 0-d each
+        row = self.tables.rows.index_select(0, self.index)[0]  # (W,): the scheduler's row of this step
         x = self.sample
+        model_input = x * row[INPUT_SCALE] if self.tables.scales_input else x  # Euler's 1/√(σ² + 1)
         if self.guidance is None:
-            model_output, guide = self.unet(x, t, self.labels), {}
+            model_output, guide = self.unet(model_input, t, self.labels), {}
         else:  # conditional and unconditional halves in one batch
-            model_output, uncond = self.unet(torch.cat([x, x]), t, self.labels).chunk(2)
+            model_output, uncond = self.unet(torch.cat([model_input, model_input]), t, self.labels).chunk(2)
             guide = {"uncond_model_output": uncond, "guidance_scale": self.guidance}
-        prev_sample, pred_x0 = self.scheduler._update(model_output, x, alpha_prod_t, alpha_prod_t_prev,
-                                                      self.noise if noisy else None, **self.step_kwargs, **guide)
+        prev_sample, pred_x0 = self.scheduler._update(model_output, x, row, self.noise if noisy else None,
+                                                      self.slots, **self.step_kwargs, **guide)
         self.sample.copy_(prev_sample)
         self.index.add_(1)
         return prev_sample, pred_x0
@@ -142,7 +147,7 @@ def loop_key(unet, scheduler, timesteps, shape, labels, guidance, step_kwargs) -
     loops with equal keys replay each other's graphs."""
     weights = _addresses(unet)
     config = repr(sorted((k, repr(v)) for k, v in dict(scheduler.config).items()))
-    schedule = (scheduler.num_inference_steps, tuple(scheduler.timesteps.tolist()), tuple(int(t) for t in timesteps))
+    schedule = (scheduler.num_inference_steps, tuple(scheduler.timesteps.tolist()), tuple(timesteps.tolist()))
     return (id(unet), unet.device, unet.dtype, unet.memory_format, weights, type(scheduler).__name__, config,
             getattr(scheduler, "variance_type", None), schedule, tuple(shape),
             None if labels is None else tuple(labels.shape), guidance, tuple(sorted(step_kwargs.items())),

@@ -165,7 +165,7 @@ def build_model(config: TrainConfig, data_classes: int | None):
 
 def build_scheduler(config: TrainConfig):
     """The scheduler saved with the model; its ᾱ table is also the one training noises with."""
-    from .scheduling_ddim import DDIMScheduler
+    from .schedulers import DDIMScheduler
 
     # clip_sample: the data lies in [-1, 1], so DDIM's x̂0 may be clipped to it.
     return DDIMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
@@ -393,7 +393,7 @@ def check_before_training(device: torch.device, *checks) -> None:
 
 def pipeline_files(path: Path) -> list[Path]:
     """The files ``save_pipeline`` writes under ``path`` (``DiffusionPipeline.save_pretrained``'s layout)."""
-    from .configuration import CONFIG_NAME
+    from .schedulers.configuration import CONFIG_NAME
     from .pipeline import INDEX_NAME
     from .unet import CONFIG_FILE, WEIGHTS_FILE
 

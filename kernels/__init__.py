@@ -22,6 +22,7 @@ OP_MODULES = {
     "q_sample": "q_sample",
     "ddpm_step": "scheduler_step",
     "ddim_step": "scheduler_step",
+    "multistep_update": "multistep",
     "attention": "attention",
     "group_norm": "group_norm",
 }

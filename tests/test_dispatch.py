@@ -17,6 +17,7 @@ import torch
 
 import fastdiff
 from fastdiff import backend, ops, reference
+from fastdiff.schedulers.linear import LinearPlan, LinearStep
 
 pytestmark = pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 
@@ -42,6 +43,11 @@ def call(op: str, dtype=torch.float32, requires_grad=False):
         return ops.ddpm_step(x, y, a_t, a_prev, randn(2, 4, 5, 3, dtype=dtype, seed=3))[0]
     if op == "ddim_step":
         return ops.ddim_step(x, y, a_t, a_prev, randn(2, 4, 5, 3, dtype=dtype, seed=3), eta=0.5)[0]
+    if op == "multistep_update":  # DPM-Solver++(2M)-shaped: x and c combined with the previous output
+        row = LinearPlan(pushes=1).pack(LinearStep(convert=(1.0, -0.5, 0.0, 0.8), out={"x": 0.9, "c": 0.2, "m1": -0.1},
+                                                   push=True))[:reference.ROW_SIZE]
+        slots = randn(5, 2, 4, 5, 3, dtype=dtype, seed=4)
+        return ops.multistep_update(x, y, row, slots)[0]
     if op == "attention":
         return ops.attention(x, y, y)
     return ops.group_norm(x, 2, silu=True)

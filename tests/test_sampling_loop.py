@@ -18,8 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastdiff
 from fastdiff import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from fastdiff.sampling_loop import SamplingLoop, loop_key
-from fastdiff.scheduling_ddim import ddim_alphas
-from fastdiff.scheduling_ddpm import ddpm_alphas
+from fastdiff.schedulers.ddim import ddim_alphas
+from fastdiff.schedulers.ddpm import ddpm_alphas
 
 STEPS = 5
 # (scheduler, pipeline keywords): guided and unguided, deterministic and stochastic, SDEdit
@@ -48,7 +48,7 @@ def step_by_step(pipe: DiffusionPipeline, generator, batch=3, eta=0.0, class_lab
     shape = (batch, 1, 8, 8)
     scheduler.set_timesteps(STEPS)
     timesteps = scheduler.timesteps
-    noise = fastdiff.schedules.randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
+    noise = fastdiff.schedulers.schedule.randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
     if image is None:
         x = noise
     else:
@@ -95,16 +95,16 @@ def test_step_tables_hold_what_step_uses():
     tables = ddim.step_tables(ddim.timesteps, eta=0.3, use_clipped_model_output=None)
     assert tables.host_timesteps == tuple(ddim.timesteps.tolist()) and tables.timesteps.dtype == torch.int64
     assert tables.noisy == (True,) * STEPS
-    for row, t in zip(tables.alphas, tables.host_timesteps):
+    for row, t in zip(tables.rows, tables.host_timesteps):
         assert torch.equal(row, torch.stack(ddim_alphas(ddim, t)))
-    assert tables.alphas[-1, 1] == 1.0  # set_alpha_to_one: ᾱ before the first timestep
+    assert tables.rows[-1, 1] == 1.0  # set_alpha_to_one: ᾱ before the first timestep
 
     ddpm = DDPMScheduler(num_train_timesteps=50)
     ddpm.set_timesteps(STEPS)
     tables = ddpm.step_tables(ddpm.timesteps[2:])
     assert tables.noisy == (True, True, False)  # no noise on the step from t = 0
     prev = list(tables.host_timesteps[1:]) + [-1]
-    for row, t, t_prev in zip(tables.alphas, tables.host_timesteps, prev):
+    for row, t, t_prev in zip(tables.rows, tables.host_timesteps, prev):
         assert torch.equal(row, torch.stack(ddpm_alphas(ddpm, t, t_prev)))
 
     with pytest.raises(ValueError, match="before set_timesteps"):

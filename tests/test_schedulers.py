@@ -498,9 +498,9 @@ def test_low_precision_loop_keeps_its_dtype_and_stays_near_fp32(kind, dtype, tol
     Its noise is the fp32 loop's, rounded: a generator's bf16/fp16 normals are not the fp32 ones
     rounded on every torch (2.11's vectorised CPU path draws others from 16 elements on)."""
     def fp32_noise_rounded(shape, generator=None, device=None, dtype=None):
-        return fastdiff.schedules.randn_tensor(shape, generator, device, torch.float32).to(dtype)
+        return fastdiff.schedulers.schedule.randn_tensor(shape, generator, device, torch.float32).to(dtype)
 
-    for module in (fastdiff.scheduling_ddpm, fastdiff.scheduling_ddim):
+    for module in (fastdiff.schedulers.ddpm, fastdiff.schedulers.ddim):
         monkeypatch.setattr(module, "randn_tensor", fp32_noise_rounded)
     case = Case(kind, dict(thresholding=True, sample_max_value=2.0), steps=10, eta=0.5)
     reference_sample, _ = sample_loop(getattr(fastdiff, kind)(**case.config), case, "cpu")

@@ -1,4 +1,4 @@
-"""fastdiff.schedules — β tables, timestep spacings and noise drawing — against diffusers 0.42.
+"""fastdiff.schedulers.schedule — β tables, timestep spacings and noise drawing — against diffusers 0.42.
 
 These are the numbers a scheduler is built from, so they must be diffusers' to the bit where
 diffusers computes them the same way (float32 throughout); the tolerance where one is stated is
@@ -13,7 +13,7 @@ import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from fastdiff import schedules
+from fastdiff.schedulers import schedule as schedules
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar, rescale_zero_terminal_snr  # noqa: E402

@@ -52,8 +52,8 @@ except ImportError as error:  # diffusers is an optional extra
 
 from .. import ops, validation
 from ..backend import resolve
-from ..scheduling_ddim import fused_ddim_step
-from ..scheduling_ddpm import fused_ddpm_step
+from ..schedulers.ddim import fused_ddim_step
+from ..schedulers.ddpm import fused_ddpm_step
 
 __all__ = ["FastAttnProcessor", "FastDDIMScheduler", "FastDDPMScheduler", "accelerate"]
 

@@ -1,4 +1,5 @@
-"""Noise-schedule math shared by every scheduler: betas, ᾱ, timestep spacings, noise drawing.
+"""Noise-schedule math shared by every scheduler: betas, ᾱ, timestep spacings, σ schedules
+(Karras, exponential, beta, uniform logSNR), noise drawing.
 
 Each function reproduces diffusers 0.42's numbers (float32 throughout, same operation order), so
 that a fastdiff scheduler and a diffusers one built from the same config hold identical tables.
@@ -84,6 +85,109 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing
     # (T=1000, n=61 ends in -1). The same values (numpy's arange steps by (T - T/n) - T), n of them:
     step = (T - T / n) - T
     return np.round(T + np.arange(n) * step).astype(np.int64) - 1
+
+
+def solver_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str, steps_offset: int = 0,
+                     last_timestep: int | None = None) -> np.ndarray:
+    """The int64 timesteps of diffusers' DPM-Solver and UniPC: linspace and leading space n + 1
+    points over [0, last_timestep) and drop the last (t = 0); trailing steps down from
+    last_timestep by T/n. ``last_timestep`` (default T) is where lambda_min_clipped cuts the
+    schedule. diffusers' trailing list can end in an invalid −1 (float rounding in np.arange, see
+    ``spaced_timesteps``): dropped here."""
+    T, n = num_train_timesteps, num_inference_steps
+    last = T if last_timestep is None else int(last_timestep)
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        step_ratio = last // (n + 1)
+        return (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
+    timesteps = np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
+    return timesteps[timesteps >= 0]
+
+
+def euler_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str,
+                    steps_offset: int = 0) -> np.ndarray:
+    """The float32 timesteps of diffusers' Euler schedulers before any σ family remaps them:
+    linspace keeps fractions (n points over [0, T − 1]); leading and trailing are rounded as in
+    ``spaced_timesteps`` (trailing's invalid −1 dropped likewise)."""
+    T, n = num_train_timesteps, num_inference_steps
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.float32) + steps_offset
+    timesteps = np.arange(T, 0, -T / n).round().copy().astype(np.float32) - 1
+    return timesteps[timesteps >= 0]
+
+
+# ----------------------------------------------------------------------------- σ schedules
+# σ_t = √((1 − ᾱ_t)/ᾱ_t) is the noise-to-signal ratio of x_t = √ᾱ_t·(x0 + σ_t·ε) (Karras et al.
+# 2022, the "variance exploding" view of a variance-preserving schedule). The families below
+# respace n values of σ between σ_min and σ_max; each takes and returns float64 numpy arrays, as
+# diffusers computes them, descending from σ_max.
+SIGMA_FAMILIES = ("karras", "exponential", "beta")
+
+
+def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """σ_t of every training timestep, ascending in t (float32, computed as diffusers does)."""
+    return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ (Karras et al. 2022, eq. 5; ρ = 7)."""
+    ramp = np.linspace(0, 1, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """σ evenly spaced in log σ from σ_max down to σ_min."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """σ_min + ppf(1 − i/(n−1))·(σ_max − σ_min), ppf the Beta(0.6, 0.6) quantile (Lee et al. 2024,
+    "Beta Sampling is All You Need"). Needs scipy, as diffusers does."""
+    try:
+        import scipy.stats
+    except ImportError as err:
+        raise ImportError("use_beta_sigmas needs scipy (pip install scipy), as in diffusers") from err
+    ppfs = [scipy.stats.beta.ppf(timestep, alpha, beta) for timestep in 1 - np.linspace(0, 1, n)]
+    return np.array([sigma_min + ppf * (sigma_max - sigma_min) for ppf in ppfs])
+
+
+def respaced_sigmas(family: str, sigmas: np.ndarray, n: int, sigma_min: float | None = None,
+                    sigma_max: float | None = None) -> np.ndarray:
+    """n σ of ``family`` between the ends of ``sigmas`` (descending), or ``sigma_min``/``sigma_max``
+    where a config gives them (Euler's)."""
+    sigma_min = float(sigmas[-1]) if sigma_min is None else sigma_min
+    sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
+    return {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}[family](
+        sigma_min, sigma_max, n)
+
+
+def lu_lambdas(lambda_min: float, lambda_max: float, n: int) -> np.ndarray:
+    """log σ evenly spaced from λ_max to λ_min (uniform logSNR, Lu et al. 2022)."""
+    return lambda_max + np.linspace(0, 1, n) * (lambda_min - lambda_max)
+
+
+def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) timestep whose σ is ``sigma``: linear interpolation in log σ between the
+    two training timesteps around it, clipped to the table (diffusers' ``_sigma_to_t``)."""
+    sigma = np.asarray(sigma)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+
+
+def alpha_sigma(sigma):
+    """(α_t, σ_t) of the variance-preserving x_t = α_t·x0 + σ_t·ε for a noise-to-signal ratio σ:
+    α_t = 1/√(σ² + 1), σ_t = σ·α_t (diffusers' ``_sigma_to_alpha_sigma_t``)."""
+    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha_t, sigma * alpha_t
 
 
 def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import ops, validation
+from .. import ops, validation
 from .configuration import ConfigMixin
-from .reference import PREDICTION_TYPES
-from .schedules import BETA_SCHEDULES, TIMESTEP_SPACINGS, make_betas, spaced_timesteps
+from ..reference import PREDICTION_TYPES
+from .schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, make_betas, spaced_timesteps
 
 
 @dataclass
@@ -30,19 +30,23 @@ class SchedulerOutput:
 @dataclass
 class StepTables:
     """What the sync-free sampling loop (``fastdiff.sampling_loop``) reads at step i, built once
-    before the loop: on the device, the timesteps and the ᾱ pair of every step; on the host, which
-    steps draw noise (it decides which launches a step makes, so it cannot live on the device)."""
+    before the loop: on the device, the U-Net's timestep and the scheduler's row of every step
+    (DDPM, DDIM: ᾱ_t and ᾱ_{t-1}; the linear schedulers: a packed ``LinearStep``); on the host,
+    which steps draw noise (it decides which launches a step makes, so it cannot live on the device)."""
 
-    timesteps: torch.Tensor  # (n,) int64: t of step i
-    alphas: torch.Tensor  # (n, 2) float32: ᾱ_t and ᾱ_{t-1} of step i
-    noisy: tuple[bool, ...]  # step i adds σ_t·z
-    host_timesteps: tuple[int, ...]  # the timesteps again, for callbacks
+    timesteps: torch.Tensor  # (n,): t of step i, int64 (float32 where a σ schedule interpolates it)
+    rows: torch.Tensor  # (n, W) float32: what the scheduler's update reads at step i
+    noisy: tuple[bool, ...]  # step i draws noise
+    host_timesteps: tuple  # the timesteps again, for callbacks
+    slots: bool = False  # the update keeps memory between steps: the loop holds it (linear.slot_buffers)
+    scales_input: bool = False  # the U-Net's input is the sample times rows[i, linear.INPUT_SCALE]
 
     def __len__(self) -> int:
         return len(self.host_timesteps)
 
     def to(self, device) -> StepTables:
-        return StepTables(self.timesteps.to(device), self.alphas.to(device), self.noisy, self.host_timesteps)
+        return StepTables(self.timesteps.to(device), self.rows.to(device), self.noisy, self.host_timesteps,
+                          self.slots, self.scales_input)
 
 
 class SchedulerBase(ConfigMixin):
@@ -55,7 +59,7 @@ class SchedulerBase(ConfigMixin):
         """Check the options every scheduler has, then build the schedule tables."""
         check_config(config)
         self.betas = make_betas(config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule,
-                                config.trained_betas, config.rescale_betas_zero_snr)
+                                config.trained_betas, config.get("rescale_betas_zero_snr", False))
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.one = torch.tensor(1.0)
@@ -92,8 +96,8 @@ class SchedulerBase(ConfigMixin):
     # --------------------------------------------------------------------- the sync-free loop
     def step_tables(self, timesteps, **step_kwargs) -> StepTables:
         """The ``StepTables`` (on the CPU) of a loop over ``timesteps`` (a subset of
-        ``self.timesteps`` in order, e.g. SDEdit's tail) with ``step``'s keyword options: the same
-        ᾱ values ``step`` would use, so that the loop reproduces ``step`` exactly."""
+        ``self.timesteps`` in order, e.g. SDEdit's tail) with ``step``'s keyword options: the rows
+        are the ᾱ pairs ``step`` would use, so that the loop reproduces ``step`` exactly."""
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}.step_tables called before set_timesteps(num_inference_steps)")
         host = tuple(int(t) for t in timesteps)
@@ -128,11 +132,14 @@ def check_config(config) -> None:
     validation.one_of("prediction_type", config.prediction_type, PREDICTION_TYPES)
     validation.one_of("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
     validation.integer("steps_offset", config.steps_offset, minimum=0)
+    # the options below are not every scheduler's (DPM-Solver has no clip_sample, PNDM no thresholding)
     for flag in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
-        validation.boolean(flag, config[flag])
-    validation.real("dynamic_thresholding_ratio", config.dynamic_thresholding_ratio, 0, 1, min_open=True)
-    validation.real("clip_sample_range", config.clip_sample_range, 0, min_open=True)
-    validation.real("sample_max_value", config.sample_max_value, 0, min_open=True)
+        if flag in config:
+            validation.boolean(flag, config[flag])
+    positive = {"dynamic_thresholding_ratio": 1, "clip_sample_range": None, "sample_max_value": None}
+    for name, maximum in positive.items():
+        if name in config:
+            validation.real(name, config[name], 0, maximum, min_open=True)
     if config.trained_betas is not None:
         try:
             betas = torch.as_tensor(config.trained_betas, dtype=torch.float64)

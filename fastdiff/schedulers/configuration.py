@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .io import read_json, write_json
+from ..io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class ConfigMixin:
         return cls.from_config(cls.load_config(pretrained_model_name_or_path, subfolder), **kwargs)
 
     def save_config(self, save_directory: str | os.PathLike) -> Path:
-        from . import __version__
+        from .. import __version__
 
         data = {"_class_name": type(self).__name__, "_fastdiff_version": __version__, **self.config}
         return write_json(data, Path(save_directory) / self.config_name)

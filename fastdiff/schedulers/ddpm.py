@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import ops, validation
+from .. import ops, validation
 from .configuration import register_to_config
-from .reference import VARIANCE_TYPES
-from .schedules import randn_tensor
-from .scheduling_utils import SchedulerBase, SchedulerOutput, x0_limits
+from ..reference import VARIANCE_TYPES
+from .schedule import randn_tensor
+from .base import SchedulerBase, SchedulerOutput, x0_limits
 
 DDPMSchedulerOutput = SchedulerOutput
 
@@ -108,8 +108,9 @@ class DDPMScheduler(SchedulerBase):
     def _draws_noise(self, t: int) -> bool:
         return t > 0
 
-    def _update(self, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None, *,
-                uncond_model_output=None, guidance_scale=1.0):
+    def _update(self, model_output, sample, row, noise=None, slots=None, *, uncond_model_output=None,
+                guidance_scale=1.0):
+        alpha_prod_t, alpha_prod_t_prev = row.unbind()  # the row is (ᾱ_t, ᾱ_{t-1})
         return ddpm_update(self, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, uncond_model_output,
                            guidance_scale)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from . import ops, validation
+from .. import ops, validation
 from .configuration import register_to_config
-from .schedules import randn_tensor
-from .scheduling_utils import SchedulerBase, SchedulerOutput, x0_limits
+from .schedule import randn_tensor
+from .base import SchedulerBase, SchedulerOutput, x0_limits
 
 DDIMSchedulerOutput = SchedulerOutput
 
@@ -84,8 +84,9 @@ class DDIMScheduler(SchedulerBase):
     def _draws_noise(self, t: int, eta: float = 0.0, use_clipped_model_output: bool | None = None) -> bool:
         return eta > 0
 
-    def _update(self, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None, eta: float = 0.0,
+    def _update(self, model_output, sample, row, noise=None, slots=None, eta: float = 0.0,
                 use_clipped_model_output: bool | None = None, *, uncond_model_output=None, guidance_scale=1.0):
+        alpha_prod_t, alpha_prod_t_prev = row.unbind()  # the row is (ᾱ_t, ᾱ_{t-1})
         return ddim_update(self, model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta,
                            use_clipped_model_output, uncond_model_output, guidance_scale)
 
