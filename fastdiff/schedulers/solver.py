@@ -2,11 +2,14 @@
 σ-based noising, and a ``step`` that runs each step as one ``LinearStep`` (``fastdiff.schedulers.linear``)
 through the fused op ``ops.multistep_update``.
 
-A subclass writes its equations once, in ``_plan(start)``: a generator of the ``LinearStep``s of
-the steps from step index ``start`` on, in order, holding whatever the solver counts between steps
-(lower-order warm-up, Runge-Kutta stages) as local state. ``step`` (diffusers' API, one call per
-model evaluation) and ``step_tables`` (the sync-free loop's device table) both consume it, so the
-two cannot drift apart.
+A subclass writes its equations once, as functions of plain numbers (σ's, orders, options) that
+return ``LinearStep``s, which the diffusers drop-ins can call on diffusers' own state too, and
+``_plan(start, **options)``: a generator of the ``LinearStep``s of the steps from step index
+``start`` on, in order, holding whatever the solver counts between steps (lower-order warm-up,
+Runge-Kutta stages) as local state. ``step`` (diffusers' API, one call per model evaluation) and
+``step_tables`` (the sync-free loop's device table) both consume it, so the two cannot drift apart.
+``options`` are ``step``'s own keywords (Euler's s_churn, ...): fixed for a run of the loop, and
+per call of ``step`` for a scheduler whose plan keeps no state between steps (``restartable``).
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ class LinearScheduler(SchedulerBase):
     returns_pred_original = False
     # the dtype its noise is drawn in (None: the model output's); diffusers' DPM-Solver draws float32
     noise_dtype: torch.dtype | None = None
+    # its plan keeps no state between steps, so ``step``'s options may change from call to call (Euler)
+    restartable = False
 
     def _reset(self) -> None:
         """Forget the steps taken (set_timesteps, set_begin_index): the next ``step`` starts a plan."""
         self._step_index = None
         self._begin_index = getattr(self, "_begin_index", None)
         self._plan_steps: Iterator[LinearStep] | None = None
+        self._plan_options: dict | None = None
         self._ring: LinearPlan | None = None
         self._slots: torch.Tensor | None = None
 
@@ -67,7 +73,7 @@ class LinearScheduler(SchedulerBase):
         self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
 
     # --------------------------------------------------------------------- sampling
-    def _plan(self, start: int) -> Iterator[LinearStep]:
+    def _plan(self, start: int, **options) -> Iterator[LinearStep]:
         raise NotImplementedError
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
@@ -80,6 +86,12 @@ class LinearScheduler(SchedulerBase):
         classifier-free guidance into the step. The history lives in fixed buffers shaped like the
         first sample: a batch that changes shape mid-run is an error.
         """
+        return self._linear_step(model_output, timestep, sample, generator, return_dict, variance_noise,
+                                 uncond_model_output, guidance_scale)
+
+    def _linear_step(self, model_output, timestep, sample, generator, return_dict, variance_noise,
+                     uncond_model_output, guidance_scale, **options):
+        """``step`` with the plan's ``options`` (a subclass's own ``step`` keywords)."""
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}.step called before set_timesteps(num_inference_steps)")
         validation.tensor("model_output", model_output, floating=True)
@@ -89,8 +101,12 @@ class LinearScheduler(SchedulerBase):
         if self._step_index >= len(self.timesteps):
             raise ValueError(f"{type(self).__name__}.step called {self._step_index + 1} times for "
                              f"{len(self.timesteps)} timesteps; call set_timesteps again for a new run")
-        if self._plan_steps is None:
-            self._plan_steps, self._ring = self._plan(self._step_index), LinearPlan()
+        if self._plan_steps is None or (self.restartable and options != self._plan_options):
+            self._plan_steps, self._ring = self._plan(self._step_index, **options), LinearPlan()
+            self._plan_options = options
+        elif options != self._plan_options:
+            raise ValueError(f"{type(self).__name__}.step got {options}, but this run started with "
+                             f"{self._plan_options}; call set_timesteps to start a new run")
         if self._slots is None:
             self._slots = slot_buffers(sample)
         elif (self._slots.shape[1:], self._slots.dtype, self._slots.device) != (sample.shape, sample.dtype,
@@ -108,7 +124,7 @@ class LinearScheduler(SchedulerBase):
             noise = noise.to(device=model_output.device, dtype=sample.dtype)
         prev_sample, converted = ops.multistep_update(
             model_output, sample, row, self._slots, noise, uncond_model_output=uncond_model_output,
-            guidance_scale=guidance_scale, return_converted=self.returns_pred_original)
+            guidance_scale=guidance_scale, return_converted=self.returns_pred_original, **self._thresholding())
         self._step_index += 1
         if not return_dict:
             return (prev_sample, converted) if self.returns_pred_original else (prev_sample,)
@@ -120,13 +136,11 @@ class LinearScheduler(SchedulerBase):
         ``_plan`` that ``step`` runs."""
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}.step_tables called before set_timesteps(num_inference_steps)")
-        if step_kwargs:
-            raise ValueError(f"{type(self).__name__} takes no step options, got {sorted(step_kwargs)}")
         timesteps = torch.as_tensor(timesteps)
         start = len(self.timesteps) - len(timesteps)
         if len(timesteps) == 0 or not torch.equal(timesteps.cpu(), self.timesteps[start:].cpu()):
             raise ValueError("timesteps must be a non-empty tail of the scheduler's timesteps")
-        plan, ring = self._plan(start), LinearPlan()
+        plan, ring = self._plan(start, **step_kwargs), LinearPlan()
         steps = [next(plan) for _ in range(len(timesteps))]
         rows = torch.stack([ring.pack(step) for step in steps])
         host = tuple(timesteps.tolist())
@@ -134,11 +148,20 @@ class LinearScheduler(SchedulerBase):
                           scales_input=any(step.input_scale != 1 for step in steps))
 
     def _update(self, model_output, sample, row, noise=None, slots=None, *, uncond_model_output=None,
-                guidance_scale=1.0):
-        """The sync-free loop's step: ``row`` is the step's device table row, ``slots`` the loop's buffers."""
+                guidance_scale=1.0, **options):
+        """The sync-free loop's step: ``row`` is the step's device table row, ``slots`` the loop's
+        buffers (``options`` are in the rows already)."""
         return ops.multistep_update(model_output, sample, row[:ROW_SIZE], slots, noise,
                                     uncond_model_output=uncond_model_output, guidance_scale=guidance_scale,
-                                    return_converted=self.returns_pred_original)
+                                    return_converted=self.returns_pred_original, **self._thresholding())
+
+    def _thresholding(self) -> dict:
+        """The op's dynamic-thresholding keywords when the config asks for it (c is then x̂0, thresholded
+        per sample; ``LinearStep.reconvert`` takes an ε-space solver back to ε)."""
+        if not self.config.get("thresholding", False):
+            return {}
+        return {"dynamic_thresholding_ratio": self.config.dynamic_thresholding_ratio,
+                "sample_max_value": self.config.sample_max_value}
 
     # --------------------------------------------------------------------- training side
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
