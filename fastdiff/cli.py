@@ -11,6 +11,7 @@ import time
 
 from . import validation
 from .backend import BACKENDS, use_backend
+from .schedulers import DEFAULT_STEPS, SHORT_NAMES
 
 GRID_BATCH_PER_CLASS, GRID_BATCH = 4, 16  # the grid's images: per class for conditional models, else in all
 SET_BATCH = 32  # images per U-Net batch of an evaluation set (--outdir)
@@ -34,9 +35,11 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: samples.png)")
     parser.add_argument("--seed", type=validation.seed_arg(), default=0, help="seed of the torch.Generator, in "
                         "[0, 2**64); with --outdir, the base seed from which image i's own seed is derived (default: 0)")
-    parser.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim", help="sampler (default: ddim)")
+    parser.add_argument("--scheduler", choices=tuple(SHORT_NAMES), default="ddim", help="sampler (default: ddim)")
     parser.add_argument("--steps", type=validation.int_arg(1), default=None,
-                        help="inference steps (default: 50 for ddim, 1000 for ddpm)")
+                        help="inference steps (default: " + ", ".join(
+                            f"{steps or 'every training timestep'} for {name}" for name, steps in DEFAULT_STEPS.items())
+                        + ")")
     parser.add_argument("--eta", type=validation.float_arg(0), default=0.0,
                         help="DDIM's eta: 0 deterministic, 1 DDPM-like (default: 0)")
     parser.add_argument("--class", dest="classes", type=int, nargs="+", default=None, metavar="N",
@@ -70,19 +73,16 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_sampler(args: argparse.Namespace, device):
     """The pipeline with the requested scheduler, and its number of inference steps."""
-    from . import DDIMScheduler, DDPMScheduler, load_pretrained
+    from . import load_pretrained
+    from .schedulers import default_steps, swapped
 
     pipe = load_pretrained(args.model, device=device)
     if args.channels_last:
         import torch
 
         pipe.unet.to(memory_format=torch.channels_last)
-    scheduler_cls = DDIMScheduler if args.scheduler == "ddim" else DDPMScheduler
-    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
-    steps = args.steps
-    if steps is None:
-        steps = 50 if args.scheduler == "ddim" else pipe.scheduler.config.num_train_timesteps
-    return pipe, steps
+    pipe.scheduler = swapped(pipe.scheduler, args.scheduler)
+    return pipe, args.steps or default_steps(args.scheduler, pipe.scheduler)
 
 
 def _check_cuda_graph(args: argparse.Namespace, device) -> None:

@@ -44,10 +44,10 @@ import torch
 
 from . import backend, ops, validation
 from .backend import use_backend
+from .schedulers import SHORT_NAMES
 from .io import write_json
 
 FAST, REFERENCE = "triton", "torch"
-SCHEDULERS = ("ddim", "ddpm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FULL_TABLE_STEPS = 20  # longer runs print a sample of the steps plus the worst one
 SAMPLED_ROWS = 10
@@ -198,14 +198,11 @@ def _with_scheduler(pipe, scheduler: str):
     """A pipeline sharing ``pipe``'s U-Net with a ``scheduler`` built from its scheduler config
     (the caller's pipeline is left as it was)."""
     from .pipeline import DiffusionPipeline
-    from .schedulers import DDIMScheduler, DDPMScheduler
+    from .schedulers import swapped
 
     if not isinstance(pipe, DiffusionPipeline):
         raise TypeError(f"pipe must be a fastdiff.DiffusionPipeline, got {type(pipe).__name__}")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {', '.join(map(repr, SCHEDULERS))}; got {scheduler!r}")
-    cls = DDIMScheduler if scheduler == "ddim" else DDPMScheduler
-    return DiffusionPipeline(pipe.unet, cls.from_config(pipe.scheduler.config), guidance_scale=pipe.guidance_scale)
+    return DiffusionPipeline(pipe.unet, swapped(pipe.scheduler, scheduler), guidance_scale=pipe.guidance_scale)
 
 
 def _check_fast_path_runs(device: torch.device) -> None:
@@ -227,7 +224,7 @@ def compare(pipe, *, num_inference_steps: int, batch_size: int = 1, seed: int = 
             progress: bool = False) -> ComparisonResult:
     """Sample ``pipe`` on the fast and the reference path from one seed; measure how far apart they are.
 
-    scheduler: 'ddim' or 'ddpm', built from the pipeline's scheduler config (``pipe`` is not
+    scheduler: a short name ('ddim', 'ddpm', ...: schedulers.SHORT_NAMES), built from the pipeline's scheduler config (``pipe`` is not
     changed). repeats: timed runs of each path after the two recording runs (0: no timing). The
     other arguments are those of ``DiffusionPipeline.__call__``; the errors are defined in this
     module's docstring. Runs under ``torch.no_grad`` (the pipeline's), so the kernels do run.
@@ -357,7 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of ``fastdiff compare``."""
     parser.add_argument("--model", default="digits", help="pipeline folder, or 'digits' for the embedded model "
                         "(default: %(default)s)")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler (default: %(default)s)")
+    parser.add_argument("--scheduler", choices=tuple(SHORT_NAMES), default="ddim", help="sampler (default: %(default)s)")
     parser.add_argument("--steps", type=validation.int_arg(1), default=20, help="inference steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=validation.int_arg(1), default=4,
                         help="images per run (default: %(default)s)")

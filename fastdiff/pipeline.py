@@ -20,11 +20,10 @@ from . import validation
 from .images import image_grid, save_image_grid
 from .io import read_json, write_json
 from .sampling_loop import SamplingLoop, check_cuda_graph, loop_key
-from .schedulers import DDIMScheduler, DDPMScheduler
+from .schedulers import SCHEDULERS, DDIMScheduler, SchedulerBase
 from .schedulers.schedule import randn_tensor
 from .unet import UNet2D
 
-SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler)}
 INDEX_NAME = "model_index.json"
 EMBEDDED_MODELS = ("digits",)
 TRAINING_PIPELINE = "pipeline"  # where `fastdiff train` saves the pipeline inside its --out folder
@@ -43,17 +42,18 @@ class ImagePipelineOutput:
 
 
 class DiffusionPipeline:
-    """Sample images from ``unet`` with ``scheduler`` (a DDIMScheduler or DDPMScheduler).
+    """Sample images from ``unet`` with ``scheduler`` (any fastdiff scheduler: DDIM, DDPM, ...).
 
     ``guidance_scale`` is the classifier-free guidance weight used when a call does not give one
     (1 = no guidance); it is saved with the pipeline.
     """
 
-    def __init__(self, unet: UNet2D, scheduler: DDIMScheduler | DDPMScheduler, guidance_scale: float = 1.0):
+    def __init__(self, unet: UNet2D, scheduler: SchedulerBase, guidance_scale: float = 1.0):
         if not isinstance(unet, UNet2D):
             raise TypeError(f"unet must be a fastdiff.UNet2D, got {type(unet).__name__}")
-        if not isinstance(scheduler, tuple(SCHEDULERS.values())):
-            raise TypeError(f"scheduler must be a DDIMScheduler or DDPMScheduler, got {type(scheduler).__name__}")
+        if not isinstance(scheduler, SchedulerBase):
+            raise TypeError(f"scheduler must be a fastdiff scheduler ({', '.join(sorted(SCHEDULERS))}), "
+                            f"got {type(scheduler).__name__}")
         self.unet, self.scheduler = unet, scheduler
         self.guidance_scale = validation.real("guidance_scale", guidance_scale)
         self._graphed: tuple[tuple, SamplingLoop] | None = None  # (key, loop) of the last cuda_graph=True call
@@ -203,16 +203,22 @@ class DiffusionPipeline:
         if isinstance(self.scheduler, DDIMScheduler):
             return {"eta": eta, "use_clipped_model_output": use_clipped_model_output}
         if eta != 0 or use_clipped_model_output:
-            raise ValueError("eta and use_clipped_model_output apply to DDIMScheduler only")
+            raise ValueError(f"eta and use_clipped_model_output apply to DDIMScheduler only; the scheduler is "
+                             f"{type(self.scheduler).__name__}")
         return {}
 
     def _sdedit_timesteps(self, timesteps: torch.Tensor, strength: float) -> torch.Tensor:
-        n = len(timesteps)
+        """The last ``strength`` of the schedule, as diffusers' image-to-image pipelines take it
+        (whole steps; a multistep scheduler is told where it begins)."""
+        n = self.scheduler.num_inference_steps
         steps = min(int(n * strength), n)
         if steps < 1:
             raise ValueError(f"strength={strength} with num_inference_steps={n} leaves no step to run; "
                              f"use strength >= {1 / n:.3g}")
-        return timesteps[n - steps:]
+        start = (n - steps) * self.scheduler.order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start)
+        return timesteps[start:]
 
     def _reference_image(self, image, shape) -> torch.Tensor:
         """``image`` in [0, 1] as the (B, C, H, W) batch to noise, in [-1, 1] (one read-back to check it)."""

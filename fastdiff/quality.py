@@ -60,7 +60,6 @@ MODEL_SIZE = 16  # the embedded model works at 16×16
 # be scored as digits the classifier has never seen (the honest baseline).
 PARTS = ("all", "even", "odd")
 
-SCHEDULERS = ("ddim", "ddpm")
 DEFAULT_RUNS = ("ddim-10", "ddim-50", "ddpm-1000")
 
 # Below half the spread of the real digits, a model is drawing near-copies of a few images per
@@ -279,24 +278,24 @@ def baseline_report(heldout: bool = False, seed: int = 0) -> QualityReport:
 # --------------------------------------------------------------------------------------------
 
 def parse_run(spec: str) -> tuple[str, int]:
-    """'ddim-50' → ('ddim', 50)."""
-    kind, _, steps = spec.lower().partition("-")
-    if kind not in SCHEDULERS or not steps.isdigit() or int(steps) < 1:
+    """'ddim-50' → ('ddim', 50), 'euler-a-10' → ('euler-a', 10): the scheduler is a short name
+    (``schedulers.SHORT_NAMES``), the steps a positive integer after the last '-'."""
+    from .schedulers import SHORT_NAMES
+
+    kind, _, steps = spec.lower().rpartition("-")
+    if kind not in SHORT_NAMES or not steps.isdigit() or int(steps) < 1:
         raise ValueError(f"run must look like SCHEDULER-STEPS with SCHEDULER one of "
-                         f"{', '.join(SCHEDULERS)} (e.g. ddim-50); got {spec!r}")
+                         f"{', '.join(SHORT_NAMES)} (e.g. ddim-50); got {spec!r}")
     return kind, int(steps)
 
 
 @contextmanager
 def _scheduler_swapped(pipe, kind: str) -> Iterator[None]:
     """Run with a ``kind`` scheduler built from the pipeline's config; put the original back after."""
-    import fastdiff
+    from .schedulers import swapped
 
-    if kind not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {kind!r}")
-    cls = fastdiff.DDIMScheduler if kind == "ddim" else fastdiff.DDPMScheduler
     original = pipe.scheduler
-    pipe.scheduler = cls.from_config(original.config)
+    pipe.scheduler = swapped(original, kind)
     try:
         yield
     finally:
@@ -315,7 +314,7 @@ def sample_pipeline(pipe, scheduler: str = "ddim", num_inference_steps: int = 50
     kwargs = dict(num_inference_steps=num_inference_steps, progress=progress)
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
-    if scheduler == "ddim":  # eta is DDIM's noise knob; DDPM has none
+    if scheduler == "ddim":  # eta is DDIM's noise knob; the others have none
         kwargs["eta"] = eta
     generator = torch.Generator().manual_seed(seed)
     chunks = []

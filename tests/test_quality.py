@@ -177,8 +177,8 @@ class StandInPipeline:
 @pytest.fixture
 def stand_in(monkeypatch):
     pipe = StandInPipeline()
-    monkeypatch.setattr(fastdiff, "DDIMScheduler", FakeDDIM, raising=False)
-    monkeypatch.setattr(fastdiff, "DDPMScheduler", FakeDDPM, raising=False)
+    monkeypatch.setitem(fastdiff.schedulers.SCHEDULERS, "DDIMScheduler", FakeDDIM)
+    monkeypatch.setitem(fastdiff.schedulers.SCHEDULERS, "DDPMScheduler", FakeDDPM)
     monkeypatch.setattr(fastdiff, "load_pretrained", lambda name, device=None: pipe, raising=False)
     return pipe
 

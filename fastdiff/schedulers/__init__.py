@@ -1,10 +1,40 @@
 """The schedulers: one file per scheduler, the schedule math they share in ``schedule``.
 
 Every scheduler takes diffusers' constructor keywords (its config) and gives diffusers' numbers;
-``fastdiff.DDIMScheduler`` etc. are re-exported from here.
+``fastdiff.DDIMScheduler`` etc. are re-exported from here. ``SCHEDULERS`` maps class names to
+classes (what a saved pipeline names), ``SHORT_NAMES`` the command line's names to class names.
 """
 
+from __future__ import annotations
+
+from .. import validation
+from .base import SchedulerBase
 from .ddim import DDIMScheduler, DDIMSchedulerOutput
 from .ddpm import DDPMScheduler, DDPMSchedulerOutput
 
-__all__ = ["DDIMScheduler", "DDIMSchedulerOutput", "DDPMScheduler", "DDPMSchedulerOutput"]
+SCHEDULERS: dict[str, type[SchedulerBase]] = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler)}
+# the command line's names (fastdiff sample --scheduler, fastdiff quality --runs NAME-STEPS)
+SHORT_NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}
+# inference steps when none are asked for (None: every training timestep, DDPM's ancestral sampling)
+DEFAULT_STEPS = {"ddim": 50, "ddpm": None}
+
+
+def scheduler_class(name: str, argument: str = "scheduler") -> type[SchedulerBase]:
+    """The class of a short name ('ddim', 'dpm++', ...) or a class name ('DDIMScheduler', ...)."""
+    validation.one_of(argument, name, (*SHORT_NAMES, *SCHEDULERS))
+    return SCHEDULERS[SHORT_NAMES.get(name, name)]
+
+
+def swapped(scheduler: SchedulerBase, name: str) -> SchedulerBase:
+    """A ``name`` scheduler built from ``scheduler``'s config (keys the other does not take are ignored)."""
+    return scheduler_class(name).from_config(scheduler.config)
+
+
+def default_steps(name: str, scheduler: SchedulerBase) -> int:
+    """Inference steps for ``name`` when none are given: DEFAULT_STEPS, or every training timestep."""
+    steps = DEFAULT_STEPS.get(name)
+    return scheduler.config.num_train_timesteps if steps is None else steps
+
+
+__all__ = ["DDIMScheduler", "DDIMSchedulerOutput", "DDPMScheduler", "DDPMSchedulerOutput", "SCHEDULERS",
+           "SHORT_NAMES", "SchedulerBase", "default_steps", "scheduler_class", "swapped"]

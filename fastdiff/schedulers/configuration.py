@@ -35,6 +35,14 @@ FOREIGN_SCHEDULER_KEYS = frozenset("""
 """.split())
 
 
+@functools.cache
+def _fastdiff_keys() -> frozenset[str]:
+    """Every constructor keyword of fastdiff's schedulers: another scheduler's config carries them."""
+    from . import SCHEDULERS
+
+    return frozenset(key for cls in SCHEDULERS.values() for key in cls.init_keys())
+
+
 class FrozenDict(dict):
     """A dict whose keys are also attributes (``config.num_train_timesteps``) and that refuses edits."""
 
@@ -98,11 +106,12 @@ class ConfigMixin:
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict (e.g. another scheduler's .config), got {type(config).__name__}")
         known = set(cls.init_keys())
+        foreign = FOREIGN_SCHEDULER_KEYS | _fastdiff_keys()
         init = {}
         for key, value in {**config, **kwargs}.items():
             if key in known:
                 init[key] = value
-            elif key.startswith("_") or key in FOREIGN_SCHEDULER_KEYS:
+            elif key.startswith("_") or key in foreign:
                 logger.debug("%s ignores config key %r", cls.__name__, key)
             else:
                 raise ValueError(f"unknown config key {key!r} for {cls.__name__}; expected one of {sorted(known)}")

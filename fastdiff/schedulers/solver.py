@@ -38,9 +38,10 @@ class LinearScheduler(SchedulerBase):
     restartable = False
 
     def _reset(self) -> None:
-        """Forget the steps taken (set_timesteps, set_begin_index): the next ``step`` starts a plan."""
+        """Forget the steps taken and the begin index (set_timesteps, as diffusers): the next ``step``
+        starts a plan."""
         self._step_index = None
-        self._begin_index = getattr(self, "_begin_index", None)
+        self._begin_index = None
         self._plan_steps: Iterator[LinearStep] | None = None
         self._plan_options: dict | None = None
         self._ring: LinearPlan | None = None
