@@ -1,4 +1,5 @@
-"""fastdiff.schedulers.schedule — β tables, timestep spacings and noise drawing — against diffusers 0.42.
+"""fastdiff.schedulers.schedule — β tables, timestep spacings, σ schedules and noise drawing — against
+diffusers 0.42.
 
 These are the numbers a scheduler is built from, so they must be diffusers' to the bit where
 diffusers computes them the same way (float32 throughout); the tolerance where one is stated is
@@ -184,3 +185,94 @@ def test_randn_tensor_cpu_generator_gives_the_same_numbers_on_cuda():
     theirs = randn_tensor((2, 3, 4, 4), generator=torch.Generator().manual_seed(0), device=torch.device("cuda"))
     assert ours.device.type == "cuda" and torch.equal(ours, theirs)
     assert torch.equal(ours.cpu(), torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(0)))
+
+
+# ----------------------------------------------------------------------------- σ schedules and the solvers' spacings
+def a_diffusers_scheduler(cls_name="EulerDiscreteScheduler", **config):
+    return getattr(diffusers, cls_name)(**config)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_train_sigmas_match_diffusers(schedule):
+    theirs = a_diffusers_scheduler(beta_schedule=schedule)
+    sigmas = schedules.train_sigmas(theirs.alphas_cumprod)
+    expected = (((1 - theirs.alphas_cumprod) / theirs.alphas_cumprod) ** 0.5).numpy()
+    assert sigmas.dtype == np.float32
+    np.testing.assert_array_equal(sigmas, expected)
+
+
+@pytest.mark.parametrize("family, method", [("karras", "_convert_to_karras"), ("exponential", "_convert_to_exponential"),
+                                            ("beta", "_convert_to_beta")])
+@pytest.mark.parametrize("n", [1, 2, 7, 25])
+def test_sigma_families_match_diffusers(family, method, n):
+    pytest.importorskip("scipy")
+    theirs = a_diffusers_scheduler("DPMSolverMultistepScheduler")
+    sigmas = np.flip(schedules.train_sigmas(theirs.alphas_cumprod)).copy()  # descending, as DPM-Solver passes them
+    expected = getattr(theirs, method)(in_sigmas=sigmas, num_inference_steps=n)
+    np.testing.assert_array_equal(schedules.respaced_sigmas(family, sigmas, n), expected)
+
+
+def test_sigma_families_take_eulers_sigma_min_and_max():
+    theirs = a_diffusers_scheduler(sigma_min=0.05, sigma_max=20.0)
+    sigmas = np.flip(schedules.train_sigmas(theirs.alphas_cumprod)).copy()
+    expected = theirs._convert_to_karras(in_sigmas=sigmas, num_inference_steps=9)
+    np.testing.assert_array_equal(schedules.respaced_sigmas("karras", sigmas, 9, 0.05, 20.0), expected)
+
+
+def test_lu_lambdas_match_diffusers():
+    theirs = a_diffusers_scheduler("DPMSolverMultistepScheduler")
+    log_sigmas = np.log(schedules.train_sigmas(theirs.alphas_cumprod))
+    lambdas = np.flip(log_sigmas.copy())
+    expected = theirs._convert_to_lu(in_lambdas=lambdas, num_inference_steps=11)
+    np.testing.assert_allclose(schedules.lu_lambdas(lambdas[-1].item(), lambdas[0].item(), 11), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(sigma=st.floats(1e-4, 500.0), schedule=st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]))
+def test_sigma_to_t_matches_diffusers(sigma, schedule):
+    theirs = a_diffusers_scheduler(beta_schedule=schedule)
+    log_sigmas = np.log(schedules.train_sigmas(theirs.alphas_cumprod))
+    sigma = np.array(sigma)
+    np.testing.assert_array_equal(schedules.sigma_to_t(sigma, log_sigmas), theirs._sigma_to_t(sigma, log_sigmas))
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.3, 14.6])
+def test_alpha_sigma_is_the_variance_preserving_pair(sigma):
+    theirs = a_diffusers_scheduler("DPMSolverMultistepScheduler")
+    expected = theirs._sigma_to_alpha_sigma_t(torch.tensor(sigma))
+    actual = schedules.alpha_sigma(torch.tensor(sigma))
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected))
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("T, n", [(1000, 1), (1000, 10), (1000, 25), (1000, 999), (100, 7), (1024, 13)])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_solver_timesteps_match_diffusers(T, n, spacing, offset):
+    theirs = a_diffusers_scheduler("DPMSolverMultistepScheduler", num_train_timesteps=T, timestep_spacing=spacing,
+                                   steps_offset=offset)
+    theirs.set_timesteps(n)
+    expected = theirs.timesteps.numpy()
+    expected = expected[expected >= 0]  # diffusers' trailing can end in an invalid -1 (dropped here)
+    np.testing.assert_array_equal(schedules.solver_timesteps(T, n, spacing, offset), expected)
+
+
+def test_solver_timesteps_stop_at_the_clipped_lambda():
+    theirs = a_diffusers_scheduler("DPMSolverMultistepScheduler", beta_schedule="squaredcos_cap_v2",
+                                   lambda_min_clipped=-5.1)
+    theirs.set_timesteps(12)
+    clipped = int(torch.searchsorted(torch.flip(theirs.lambda_t, [0]), -5.1))
+    ours = schedules.solver_timesteps(1000, 12, "linspace", last_timestep=1000 - clipped)
+    np.testing.assert_array_equal(ours, theirs.timesteps.numpy())
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("T, n", [(1000, 1), (1000, 10), (1000, 61), (100, 7)])
+def test_euler_timesteps_match_diffusers(T, n, spacing):
+    theirs = a_diffusers_scheduler(num_train_timesteps=T, timestep_spacing=spacing)
+    theirs.set_timesteps(n)
+    expected = theirs.timesteps.numpy()
+    expected = expected[expected >= 0]
+    actual = schedules.euler_timesteps(T, n, spacing)
+    assert actual.dtype == np.float32
+    np.testing.assert_array_equal(actual, expected)

@@ -129,7 +129,7 @@ SIGMA_FAMILIES = ("karras", "exponential", "beta")
 
 def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
     """σ_t of every training timestep, ascending in t (float32, computed as diffusers does)."""
-    return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
