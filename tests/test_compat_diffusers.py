@@ -110,6 +110,7 @@ DDPM_CONFIGS = [
     dict(variance_type="learned", beta_schedule="squaredcos_cap_v2", clip_sample_range=0.5),
     dict(variance_type="learned_range", thresholding=True, sample_max_value=1.5, timestep_spacing="linspace"),
     dict(beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True),
+    dict(variance_type="other"),  # any name diffusers does not know: its fixed_small σ, never a refusal
 ]
 
 

@@ -147,8 +147,11 @@ def ddpm_update(scheduler, model_output, sample, alpha_prod_t, alpha_prod_t_prev
         if uncond_model_output is not None:
             uncond_model_output = torch.split(uncond_model_output, sample.shape[1], dim=1)[0]
 
+    # diffusers accepts any variance_type and computes the fixed_small σ for one it does not name
+    # (its _get_variance falls through to the clamped β̃_t): the drop-in must take such configs too
+    variance_type = scheduler.variance_type if scheduler.variance_type in VARIANCE_TYPES else "fixed_small"
     return ops.ddpm_step(
         model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise,
         predicted_variance=predicted_variance, prediction_type=scheduler.config.prediction_type,
-        variance_type=scheduler.variance_type, uncond_model_output=uncond_model_output,
+        variance_type=variance_type, uncond_model_output=uncond_model_output,
         guidance_scale=guidance_scale, **x0_limits(scheduler.config))
