@@ -57,20 +57,6 @@ RECONVERT = tl.constexpr(reference.ROW_RECONVERT)
 
 
 @triton.jit
-def _combine(row_ptr, OFFSET: tl.constexpr, x, c, z, s0, s1, s2, s3, s4):
-    """Σ_j row[OFFSET + j]·v_j over v = (x, c, z, s0, ..., s4), summed in order (reference._combine)."""
-    total = tl.load(row_ptr + OFFSET) * x
-    total = total + tl.load(row_ptr + OFFSET + 1) * c
-    total = total + tl.load(row_ptr + OFFSET + 2) * z
-    total = total + tl.load(row_ptr + OFFSET + 3) * s0
-    total = total + tl.load(row_ptr + OFFSET + 4) * s1
-    total = total + tl.load(row_ptr + OFFSET + 5) * s2
-    total = total + tl.load(row_ptr + OFFSET + 6) * s3
-    total = total + tl.load(row_ptr + OFFSET + 7) * s4
-    return total
-
-
-@triton.jit
 def _load_slot(slots_ptr, k: tl.constexpr, slot_stride, b, stride_slot, offs, N, row_ptr):
     """Slot k of row b as float32, or zeros (no bytes read) when the step does not read it."""
     read = (tl.load(row_ptr + READS + k) > 0).to(tl.int32)
@@ -125,17 +111,21 @@ def _multistep_kernel(
         converted = tl.div_rn(clamp(converted, -threshold, threshold), threshold)
         converted = tl.load(row_ptr + RECONVERT) * sample + tl.load(row_ptr + RECONVERT + 1) * converted
 
-    # 2. every slot the step reads, before any is written
-    s0 = _load_slot(slots_ptr, 0, slot_stride, b, stride_slot, offs, N, row_ptr)
-    s1 = _load_slot(slots_ptr, 1, slot_stride, b, stride_slot, offs, N, row_ptr)
-    s2 = _load_slot(slots_ptr, 2, slot_stride, b, stride_slot, offs, N, row_ptr)
-    s3 = _load_slot(slots_ptr, 3, slot_stride, b, stride_slot, offs, N, row_ptr)
-    s4 = _load_slot(slots_ptr, 4, slot_stride, b, stride_slot, offs, N, row_ptr)
-
-    # 3. x_next and the new slot values
-    prev = _combine(row_ptr, OUT, sample, converted, noise, s0, s1, s2, s3, s4)
-    last = _combine(row_ptr, LAST, sample, converted, noise, s0, s1, s2, s3, s4)
-    acc = _combine(row_ptr, ACC, sample, converted, noise, s0, s1, s2, s3, s4)
+    # 2. x_next and the new slot values: Σ_j row[j]·v_j over v = (x, c, z, slot 0, ..., slot 4), summed in
+    # order (reference._combine). Each slot is loaded, added to the three sums and dropped (a live slot
+    # per sum, not five: Triton 3.6's ptxas spilled at 8 elements per thread otherwise); every slot is
+    # read before any is written
+    prev = tl.load(row_ptr + OUT) * sample + tl.load(row_ptr + OUT + 1) * converted
+    last = tl.load(row_ptr + LAST) * sample + tl.load(row_ptr + LAST + 1) * converted
+    acc = tl.load(row_ptr + ACC) * sample + tl.load(row_ptr + ACC + 1) * converted
+    prev = prev + tl.load(row_ptr + OUT + 2) * noise
+    last = last + tl.load(row_ptr + LAST + 2) * noise
+    acc = acc + tl.load(row_ptr + ACC + 2) * noise
+    for k in tl.static_range(5):
+        slot = _load_slot(slots_ptr, k, slot_stride, b, stride_slot, offs, N, row_ptr)
+        prev = prev + tl.load(row_ptr + OUT + 3 + k) * slot
+        last = last + tl.load(row_ptr + LAST + 3 + k) * slot
+        acc = acc + tl.load(row_ptr + ACC + 3 + k) * slot
 
     dtype = prev_sample_ptr.dtype.element_ty
     tl.store(prev_sample_ptr + b * stride_out + offs, prev.to(dtype), mask=mask)
