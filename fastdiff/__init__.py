@@ -4,12 +4,13 @@ __version__ = "0.1.0"
 
 from . import ops, reference
 from .backend import get_backend, use_backend
-from .schedulers import DDIMScheduler, DDIMSchedulerOutput, DDPMScheduler, DDPMSchedulerOutput
+from .schedulers import (DDIMScheduler, DDIMSchedulerOutput, DDPMScheduler, DDPMSchedulerOutput, PNDMScheduler,
+                         PNDMSchedulerOutput)
 from .unet import UNet2D, UNet2DConfig
 from .pipeline import DiffusionPipeline, ImagePipelineOutput, load_pretrained
 
 __all__ = [
     "DDIMScheduler", "DDIMSchedulerOutput", "DDPMScheduler", "DDPMSchedulerOutput", "DiffusionPipeline",
-    "ImagePipelineOutput", "UNet2D", "UNet2DConfig", "get_backend", "load_pretrained", "ops", "reference",
+    "ImagePipelineOutput", "PNDMScheduler", "PNDMSchedulerOutput", "UNet2D", "UNet2DConfig", "get_backend", "load_pretrained", "ops", "reference",
     "use_backend",
 ]

@@ -11,12 +11,14 @@ from .. import validation
 from .base import SchedulerBase
 from .ddim import DDIMScheduler, DDIMSchedulerOutput
 from .ddpm import DDPMScheduler, DDPMSchedulerOutput
+from .pndm import PNDMScheduler, PNDMSchedulerOutput
 
-SCHEDULERS: dict[str, type[SchedulerBase]] = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler)}
+SCHEDULERS: dict[str, type[SchedulerBase]] = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler,
+                                                                            PNDMScheduler)}
 # the command line's names (fastdiff sample --scheduler, fastdiff quality --runs NAME-STEPS)
-SHORT_NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}
+SHORT_NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler"}
 # inference steps when none are asked for (None: every training timestep, DDPM's ancestral sampling)
-DEFAULT_STEPS = {"ddim": 50, "ddpm": None}
+DEFAULT_STEPS = {"ddim": 50, "ddpm": None, "pndm": 50}
 
 
 def scheduler_class(name: str, argument: str = "scheduler") -> type[SchedulerBase]:
@@ -36,5 +38,6 @@ def default_steps(name: str, scheduler: SchedulerBase) -> int:
     return scheduler.config.num_train_timesteps if steps is None else steps
 
 
-__all__ = ["DDIMScheduler", "DDIMSchedulerOutput", "DDPMScheduler", "DDPMSchedulerOutput", "SCHEDULERS",
+__all__ = ["DDIMScheduler", "DDIMSchedulerOutput", "DDPMScheduler", "DDPMSchedulerOutput", "PNDMScheduler",
+           "PNDMSchedulerOutput", "SCHEDULERS",
            "SHORT_NAMES", "SchedulerBase", "default_steps", "scheduler_class", "swapped"]

@@ -5,8 +5,9 @@ A scheduler's constructor keywords are its config. ``ConfigMixin`` records them,
 reads too, so ``DDIMScheduler.from_pretrained("<a diffusers model>/scheduler")`` works.
 
 Loading is strict where it can be: a key no diffusers scheduler knows is an error naming the
-key, while options of diffusers' other schedulers (a DDPM config's ``variance_type`` handed to
-DDIM, a PNDM config's ``skip_prk_steps``) are ignored, as diffusers ignores them.
+key, while options of the other schedulers, fastdiff's or diffusers' (a DDPM config's
+``variance_type`` handed to DDIM, a PNDM config's ``skip_prk_steps``), are ignored, as diffusers
+ignores them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "scheduler_config.json"
 
-# Constructor options of diffusers' schedulers that fastdiff's two do not take; configs written
+# Constructor options of diffusers' schedulers that no fastdiff scheduler takes; configs written
 # for those schedulers carry them, and diffusers' own loaders drop them silently.
 FOREIGN_SCHEDULER_KEYS = frozenset("""
     algorithm_type disable_corrector euler_at_final final_sigmas_type flow_shift interpolation_type

@@ -26,9 +26,10 @@ from .schedule import alpha_sigma, randn_tensor
 
 
 class LinearScheduler(SchedulerBase):
-    """Base of the schedulers whose step is linear. Subclasses set ``self.sigmas`` (float32, one more
-    than the timesteps: the σ after the last step) and ``self.timesteps`` in ``set_timesteps`` (then
-    call ``self._reset()``), and implement ``_plan``."""
+    """Base of the schedulers whose step is linear. Subclasses set ``self.timesteps`` in
+    ``set_timesteps`` (then call ``self._reset()``) and implement ``_plan``; the σ-based ones also set
+    ``self.sigmas`` (float32, one more than the timesteps: the σ after the last step), which the
+    σ-form ``add_noise`` reads (PNDM, which has none, noises like DDPM instead)."""
 
     # the scheduler's step returns x̂0 as pred_original_sample (Euler) or only prev_sample (DPM-Solver, ...)
     returns_pred_original = False
@@ -43,8 +44,8 @@ class LinearScheduler(SchedulerBase):
         self._step_index = None
         self._begin_index = None
         self._plan_steps: Iterator[LinearStep] | None = None
-        self._plan_options: dict | None = None
-        self._ring: LinearPlan | None = None
+        self._plan_start, self._plan_options = None, None
+        self._ring: LinearPlan | None = None  # None: no run in progress
         self._slots: torch.Tensor | None = None
 
     # --------------------------------------------------------------------- diffusers' step index
@@ -92,30 +93,23 @@ class LinearScheduler(SchedulerBase):
 
     def _linear_step(self, model_output, timestep, sample, generator, return_dict, variance_noise,
                      uncond_model_output, guidance_scale, **options):
-        """``step`` with the plan's ``options`` (a subclass's own ``step`` keywords)."""
-        if self.num_inference_steps is None:
-            raise ValueError(f"{type(self).__name__}.step called before set_timesteps(num_inference_steps)")
-        validation.tensor("model_output", model_output, floating=True)
-        validation.tensor("sample", sample, floating=True)
+        """``step`` with the plan's ``options`` (a subclass's own ``step`` keywords). Everything is
+        checked before the plan advances, so a refused call leaves the run where it was."""
+        self._check_call(model_output, sample, variance_noise, uncond_model_output)
         if self._step_index is None:
             self._init_step_index(timestep)
         if self._step_index >= len(self.timesteps):
             raise ValueError(f"{type(self).__name__}.step called {self._step_index + 1} times for "
                              f"{len(self.timesteps)} timesteps; call set_timesteps again for a new run")
-        if self._plan_steps is None or (self.restartable and options != self._plan_options):
-            self._plan_steps, self._ring = self._plan(self._step_index, **options), LinearPlan()
-            self._plan_options = options
+        if self._ring is None or (self.restartable and options != self._plan_options):
+            self._plan_start, self._plan_options, self._ring = self._step_index, options, LinearPlan()
+            self._plan_steps = self._plan(self._step_index, **options)
         elif options != self._plan_options:
             raise ValueError(f"{type(self).__name__}.step got {options}, but this run started with "
                              f"{self._plan_options}; call set_timesteps to start a new run")
         if self._slots is None:
             self._slots = slot_buffers(sample)
-        elif (self._slots.shape[1:], self._slots.dtype, self._slots.device) != (sample.shape, sample.dtype,
-                                                                                 sample.device):
-            raise ValueError(f"sample is a {sample.dtype} tensor of shape {tuple(sample.shape)} on {sample.device}, but "
-                             f"this run started with {self._slots.dtype} {tuple(self._slots.shape[1:])} on "
-                             f"{self._slots.device}; call set_timesteps to start a new run")
-        linear = next(self._plan_steps)
+        linear = next(self._planned_steps())
         row = self._ring.pack(linear)[:ROW_SIZE]
         noise = None
         if linear.noise:
@@ -130,6 +124,36 @@ class LinearScheduler(SchedulerBase):
         if not return_dict:
             return (prev_sample, converted) if self.returns_pred_original else (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=converted)
+
+    def _check_call(self, model_output, sample, variance_noise, uncond_model_output) -> None:
+        """What a ``step`` call must hold: set timesteps, float tensors of the sample's shape, and the
+        run's shape, dtype and device (its history lives in buffers made for the first sample)."""
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}.step called before set_timesteps(num_inference_steps)")
+        validation.tensor("sample", sample, floating=True)
+        for name, x in (("model_output", model_output), ("variance_noise", variance_noise),
+                        ("uncond_model_output", uncond_model_output)):
+            if x is not None and validation.tensor(name, x, floating=True).shape != sample.shape:
+                raise ValueError(f"{name} has shape {tuple(x.shape)}, expected sample's shape {tuple(sample.shape)}")
+        if self._slots is not None and (self._slots.shape[1:], self._slots.dtype, self._slots.device) != (
+                sample.shape, sample.dtype, sample.device):
+            raise ValueError(f"sample is a {sample.dtype} tensor of shape {tuple(sample.shape)} on {sample.device}, but "
+                             f"this run started with {self._slots.dtype} {tuple(self._slots.shape[1:])} on "
+                             f"{self._slots.device}; call set_timesteps to start a new run")
+
+    def _planned_steps(self) -> Iterator[LinearStep]:
+        """The run's plan; after a copy or unpickling (a generator cannot be copied) it is rebuilt
+        and replayed to where the run is: the plan is a function of its start and options."""
+        if self._plan_steps is None:
+            self._plan_steps = self._plan(self._plan_start, **self._plan_options)
+            for _ in self._ring.steps:
+                next(self._plan_steps)
+        return self._plan_steps
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_plan_steps"] = None  # rebuilt on the next step (_planned_steps)
+        return state
 
     def step_tables(self, timesteps, **step_kwargs) -> StepTables:
         """The sync-free loop's tables for ``timesteps``, the tail of ``self.timesteps`` from some index
