@@ -23,16 +23,16 @@ def run(pipe, **kwargs):
 
 
 # ----------------------------------------------------------------------------- diffusers parity
-@pytest.mark.parametrize("kind, eta", [("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0), ("ddpm", 0.0)])
+@pytest.mark.parametrize("kind, eta", [("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0), ("ddpm", 0.0), ("pndm", 0.0)])
 def test_same_images_as_diffusers_pipeline(kind, eta):
     diffusers = pytest.importorskip("diffusers")
     config = dict(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=True)
-    ours_sched = DDIMScheduler(**config) if kind == "ddim" else DDPMScheduler(**config)
+    ours_sched = fastdiff.schedulers.scheduler_class(kind).from_config(config)
     pipe = tiny_pipeline(scheduler=ours_sched)
     theirs_unet = diffusers.UNet2DModel(**pipe.unet.config.to_diffusers()).eval()
     theirs_unet.load_state_dict(pipe.unet.state_dict(), strict=True)
     theirs_sched = getattr(diffusers, type(ours_sched).__name__).from_config(ours_sched.config)
-    cls = diffusers.DDIMPipeline if kind == "ddim" else diffusers.DDPMPipeline
+    cls = {"ddim": diffusers.DDIMPipeline, "ddpm": diffusers.DDPMPipeline, "pndm": diffusers.PNDMPipeline}[kind]
     theirs = cls(unet=theirs_unet, scheduler=theirs_sched)
     theirs.set_progress_bar_config(disable=True)
 
