@@ -182,9 +182,9 @@ def multistep_update(model_output, sample, row, slots, noise=None, *, uncond_mod
     if row.shape != (reference.ROW_SIZE,):
         raise ValueError(f"row must have shape ({reference.ROW_SIZE},) (a step packed by fastdiff.schedulers.linear), "
                          f"got {tuple(row.shape)}")
-    validation.tensor("slots", slots, floating=True)
-    if slots.shape != (reference.MULTISTEP_SLOTS, *sample.shape) or slots.dtype != sample.dtype:
-        raise ValueError(f"slots must be a {sample.dtype} tensor of shape ({reference.MULTISTEP_SLOTS}, "
+    if slots is not None and (validation.tensor("slots", slots, floating=True).shape != (
+            reference.MULTISTEP_SLOTS, *sample.shape) or slots.dtype != sample.dtype):
+        raise ValueError(f"slots must be None or a {sample.dtype} tensor of shape ({reference.MULTISTEP_SLOTS}, "
                          f"*{tuple(sample.shape)}), got {slots.dtype} {tuple(slots.shape)}")
     if dynamic_thresholding_ratio is not None:
         validation.real("dynamic_thresholding_ratio", dynamic_thresholding_ratio, 0, 1, min_open=True)

@@ -244,9 +244,10 @@ def multistep_update(model_output, sample, row, slots, noise=None, *, uncond_mod
 
     model_output, sample, noise: (B, ...); row: (ROW_SIZE,) float32, a step packed by
     ``fastdiff.schedulers.linear``; slots: (MULTISTEP_SLOTS, B, ...) in the sample's dtype, read,
-    then written in place. With ``dynamic_thresholding_ratio`` the converted output (x̂0) is
-    thresholded (``dynamic_threshold``), then re-expressed as f·x + g·c (the row's ROW_RECONVERT:
-    ε-space solvers take ε back from the thresholded x̂0). Computed in float32, rounded once to the
+    then written in place, or None for a sampler without memory (Euler: its rows read and write
+    none). With ``dynamic_thresholding_ratio`` the converted output (x̂0) is thresholded
+    (``dynamic_threshold``), then re-expressed as f·x + g·c (the row's ROW_RECONVERT: ε-space
+    solvers take ε back from the thresholded x̂0). Computed in float32, rounded once to the
     sample's dtype. No value is read back to the host (the row's flags act through
     ``torch.where``), so this runs inside a CUDA graph too.
     """
@@ -255,8 +256,11 @@ def multistep_update(model_output, sample, row, slots, noise=None, *, uncond_mod
     if uncond_model_output is not None:
         m = guide(m, uncond_model_output.float(), guidance_scale)
     z = None if noise is None else noise.float()
-    reads = [f[ROW_READS + k] > 0 for k in range(MULTISTEP_SLOTS)]
-    values = [torch.where(read, slot.float(), 0.0) for read, slot in zip(reads, slots)]
+    if slots is None:
+        values = [None] * MULTISTEP_SLOTS
+    else:
+        reads = [f[ROW_READS + k] > 0 for k in range(MULTISTEP_SLOTS)]
+        values = [torch.where(read, slot.float(), 0.0) for read, slot in zip(reads, slots)]
 
     # the model output converted to what the solver integrates (x̂0 or ε̂), then x_next and the slots
     converted = f[ROW_CONVERT] * x + f[ROW_CONVERT + 1] * m
@@ -270,6 +274,8 @@ def multistep_update(model_output, sample, row, slots, noise=None, *, uncond_mod
     prev_sample = _combine(f, ROW_OUT, inputs)
     last, acc = _combine(f, ROW_LAST, inputs), _combine(f, ROW_ACC, inputs)
 
+    if slots is None:
+        return prev_sample.to(sample.dtype), converted.to(sample.dtype) if return_converted else None
     stored = converted.to(slots.dtype)
     for k in range(3):
         slots[k].copy_(torch.where(f[ROW_PUSH] == k, stored, slots[k]))

@@ -205,7 +205,7 @@ def multistep_update(model_output, sample, row, slots, noise=None, *, uncond_mod
                      return_converted=False):
     """One linear multistep step; the signature and results of ``fastdiff.reference.multistep_update``."""
     check_tensors("sample", sample, model_output=model_output, noise=noise, uncond_model_output=uncond_model_output,
-                  slots=slots)
+                  slots=slots)  # slots None: a sampler without memory, whose rows read and write no slot
     check_numbers(guidance_scale=guidance_scale, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                   sample_max_value=sample_max_value)
     if not isinstance(row, torch.Tensor) or row.dtype != torch.float32 or row.shape != (reference.ROW_SIZE,):
@@ -216,7 +216,7 @@ def multistep_update(model_output, sample, row, slots, noise=None, *, uncond_mod
     prev_sample = empty_rows_like(sample)
     converted = torch.empty_like(prev_sample) if return_converted else prev_sample  # a stand-in, never written
     stride_out = prev_sample.stride(0) if batch > 1 else 0
-    stride_slot, slot_stride = _slot_layout(slots, prev_sample)
+    stride_slot, slot_stride = (0, 0) if slots is None else _slot_layout(slots, prev_sample)
     inputs = dict(model_output=model_output, uncond=uncond_model_output, sample=sample, noise=noise)
     rows, strides = {}, {}
     for name, x in inputs.items():
@@ -230,7 +230,8 @@ def multistep_update(model_output, sample, row, slots, noise=None, *, uncond_mod
         BLOCK, num_warps, num_stages = block_config(n)
         config = _config(sample.dtype, (BLOCK, num_warps, num_stages))
         _multistep_kernel[(grid_size(batch, n, BLOCK),)](
-            rows["model_output"], rows["uncond"], rows["sample"], rows["noise"], slots, row, threshold, prev_sample,
+            rows["model_output"], rows["uncond"], rows["sample"], rows["noise"], sample if slots is None else slots,
+            row, threshold, prev_sample,
             converted,
             n, strides["model_output"], strides["uncond"], strides["sample"], strides["noise"], stride_slot,
             slot_stride, stride_out, float(guidance_scale), int(uncond_model_output is not None),

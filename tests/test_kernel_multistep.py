@@ -159,8 +159,8 @@ def test_channels_last_and_sliced_inputs_run_in_place(kernel_device, backend):
 
 @pytest.mark.parametrize("bad, message", [
     (dict(row=torch.zeros(3)), "row must have shape"),
-    (dict(slots=torch.zeros(4, 2, 3)), "slots must be a torch.float32 tensor of shape (5, *(2, 3))"),
-    (dict(slots=torch.zeros(5, 2, 3, dtype=torch.float64)), "slots must be a torch.float32 tensor"),
+    (dict(slots=torch.zeros(4, 2, 3)), "slots must be None or a torch.float32 tensor of shape (5, *(2, 3))"),
+    (dict(slots=torch.zeros(5, 2, 3, dtype=torch.float64)), "slots must be None or a torch.float32 tensor"),
     (dict(guidance_scale=2.0), "guidance_scale=2 needs uncond_model_output"),
     (dict(noise=torch.zeros(2, 4)), "noise has shape (2, 4), expected sample's shape (2, 3)"),
 ])

@@ -122,12 +122,13 @@ def test_missing_sklearn_names_the_extra(monkeypatch):
         quality._require_sklearn()
 
 
-@pytest.mark.parametrize("spec, expected", [("ddim-50", ("ddim", 50)), ("DDPM-1000", ("ddpm", 1000))])
+@pytest.mark.parametrize("spec, expected", [("ddim-50", ("ddim", 50)), ("DDPM-1000", ("ddpm", 1000)),
+                                            ("pndm-50", ("pndm", 50))])
 def test_parse_run(spec, expected):
     assert quality.parse_run(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["ddim", "ddim-0", "pndm-50", "ddim-x"])
+@pytest.mark.parametrize("spec", ["ddim", "ddim-0", "heun-50", "ddim-x"])
 def test_parse_run_rejects(spec):
     with pytest.raises(ValueError, match="ddim, ddpm"):
         quality.parse_run(spec)

@@ -11,14 +11,21 @@ from .. import validation
 from .base import SchedulerBase
 from .ddim import DDIMScheduler, DDIMSchedulerOutput
 from .ddpm import DDPMScheduler, DDPMSchedulerOutput
+from .dpmsolver import DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerOutput
+from .euler import EulerDiscreteScheduler, EulerDiscreteSchedulerOutput
+from .euler_ancestral import EulerAncestralDiscreteScheduler, EulerAncestralDiscreteSchedulerOutput
 from .pndm import PNDMScheduler, PNDMSchedulerOutput
+from .unipc import UniPCMultistepScheduler, UniPCMultistepSchedulerOutput
 
-SCHEDULERS: dict[str, type[SchedulerBase]] = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler,
-                                                                            PNDMScheduler)}
+SCHEDULERS: dict[str, type[SchedulerBase]] = {cls.__name__: cls for cls in (
+    DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+    PNDMScheduler, UniPCMultistepScheduler)}
 # the command line's names (fastdiff sample --scheduler, fastdiff quality --runs NAME-STEPS)
-SHORT_NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler"}
+SHORT_NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm++": "DPMSolverMultistepScheduler",
+               "unipc": "UniPCMultistepScheduler", "euler": "EulerDiscreteScheduler",
+               "euler-a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler"}
 # inference steps when none are asked for (None: every training timestep, DDPM's ancestral sampling)
-DEFAULT_STEPS = {"ddim": 50, "ddpm": None, "pndm": 50}
+DEFAULT_STEPS = {"ddim": 50, "ddpm": None, "dpm++": 20, "unipc": 20, "euler": 50, "euler-a": 50, "pndm": 50}
 
 
 def scheduler_class(name: str, argument: str = "scheduler") -> type[SchedulerBase]:
@@ -38,6 +45,9 @@ def default_steps(name: str, scheduler: SchedulerBase) -> int:
     return scheduler.config.num_train_timesteps if steps is None else steps
 
 
-__all__ = ["DDIMScheduler", "DDIMSchedulerOutput", "DDPMScheduler", "DDPMSchedulerOutput", "PNDMScheduler",
-           "PNDMSchedulerOutput", "SCHEDULERS",
-           "SHORT_NAMES", "SchedulerBase", "default_steps", "scheduler_class", "swapped"]
+__all__ = ["DDIMScheduler", "DDIMSchedulerOutput", "DDPMScheduler", "DDPMSchedulerOutput",
+           "DPMSolverMultistepScheduler", "DPMSolverMultistepSchedulerOutput",
+           "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteSchedulerOutput", "EulerDiscreteScheduler",
+           "EulerDiscreteSchedulerOutput", "PNDMScheduler", "PNDMSchedulerOutput", "SCHEDULERS",
+           "SHORT_NAMES", "SchedulerBase", "UniPCMultistepScheduler", "UniPCMultistepSchedulerOutput", "default_steps",
+           "scheduler_class", "swapped"]

@@ -56,22 +56,40 @@ class FrozenDict(dict):
     def _readonly(self, *args, **kwargs):
         raise TypeError("a scheduler's config is read-only; build a new scheduler with from_config(config, key=value)")
 
+    # the keys that took their default (diffusers' _use_default_values), an attribute, not an item:
+    # a config compares equal to the same values however they were given
+    defaults: frozenset = frozenset()
+
+    @classmethod
+    def with_defaults(cls, values: dict, defaults) -> FrozenDict:
+        config = cls(values)
+        object.__setattr__(config, "defaults", frozenset(defaults))
+        return config
+
     def __reduce__(self):  # copy/deepcopy/pickle rebuild from a plain dict
-        return (FrozenDict, (dict(self),))
+        return (FrozenDict.with_defaults, (dict(self), self.defaults))
 
     __setitem__ = __delitem__ = __setattr__ = update = pop = popitem = setdefault = clear = _readonly
 
 
+# diffusers' in-memory record, in a config dict, of the keys a scheduler took by default (never
+# saved): loading another scheduler from the config lets that scheduler's own defaults apply to them
+DEFAULTS_KEY = "_use_default_values"
+
+
 def register_to_config(init):
-    """Decorate ``__init__`` so every keyword it was called with (defaults filled in) becomes the config."""
+    """Decorate ``__init__`` so every keyword it was called with (defaults filled in) becomes the
+    config; the keys left at their defaults are the config's ``defaults`` (diffusers'
+    ``_use_default_values``)."""
     signature = inspect.signature(init)
 
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
+        given = set(bound.arguments)
         bound.apply_defaults()
-        values = {k: v for k, v in bound.arguments.items() if k != "self"}
-        self._internal_dict = FrozenDict({k: _jsonable(v) for k, v in values.items()})
+        values = {k: _jsonable(v) for k, v in bound.arguments.items() if k != "self"}
+        self._internal_dict = FrozenDict.with_defaults(values, (k for k in values if k not in given))
         init(self, *args, **kwargs)
 
     return wrapper
@@ -108,6 +126,10 @@ class ConfigMixin:
             raise TypeError(f"config must be a dict (e.g. another scheduler's .config), got {type(config).__name__}")
         known = set(cls.init_keys())
         foreign = FOREIGN_SCHEDULER_KEYS | _fastdiff_keys()
+        # keys the source scheduler took by default: this scheduler's own defaults apply (diffusers' rule;
+        # a diffusers config lists them under _use_default_values, a fastdiff config holds them as .defaults)
+        defaults = set(getattr(config, "defaults", ())) | set(config.get(DEFAULTS_KEY, ()))
+        config = {k: v for k, v in config.items() if k not in defaults}
         init = {}
         for key, value in {**config, **kwargs}.items():
             if key in known:
@@ -141,5 +163,6 @@ class ConfigMixin:
     save_pretrained = save_config
 
     def __repr__(self) -> str:
-        items = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas" or v is None)
+        items = ", ".join(f"{k}={v!r}" for k, v in self.config.items()
+                          if not k.startswith("_") and (k != "trained_betas" or v is None))
         return f"{type(self).__name__}({items})"

@@ -59,6 +59,12 @@ class LinearStep:
     def uses(self, name: str) -> bool:
         return any(name in row and row[name] != 0 for row in (self.out, self.last or {}, self.acc or {}))
 
+    @property
+    def needs_memory(self) -> bool:
+        """Whether the step reads or writes a slot (a sampler whose steps never do runs without them)."""
+        return self.push or self.last is not None or self.acc is not None or any(
+            self.uses(name) for name in (*HISTORY, "last", "acc"))
+
 
 @dataclass
 class LinearPlan:

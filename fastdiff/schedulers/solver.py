@@ -37,6 +37,8 @@ class LinearScheduler(SchedulerBase):
     noise_dtype: torch.dtype | None = None
     # its plan keeps no state between steps, so ``step``'s options may change from call to call (Euler)
     restartable = False
+    # its steps read and write slots (history, last, acc); False: no slot buffers are made (Euler)
+    memory = True
 
     def _reset(self) -> None:
         """Forget the steps taken and the begin index (set_timesteps, as diffusers): the next ``step``
@@ -46,6 +48,7 @@ class LinearScheduler(SchedulerBase):
         self._plan_steps: Iterator[LinearStep] | None = None
         self._plan_start, self._plan_options = None, None
         self._ring: LinearPlan | None = None  # None: no run in progress
+        self._run: tuple | None = None  # (shape, dtype, device) of the run's first sample
         self._slots: torch.Tensor | None = None
 
     # --------------------------------------------------------------------- diffusers' step index
@@ -107,9 +110,10 @@ class LinearScheduler(SchedulerBase):
         elif options != self._plan_options:
             raise ValueError(f"{type(self).__name__}.step got {options}, but this run started with "
                              f"{self._plan_options}; call set_timesteps to start a new run")
-        if self._slots is None:
-            self._slots = slot_buffers(sample)
-        linear = next(self._planned_steps())
+        if self._run is None:
+            self._run = (sample.shape, sample.dtype, sample.device)
+            self._slots = slot_buffers(sample) if self.memory else None
+        linear = self._checked(next(self._planned_steps()))
         row = self._ring.pack(linear)[:ROW_SIZE]
         noise = None
         if linear.noise:
@@ -135,11 +139,17 @@ class LinearScheduler(SchedulerBase):
                         ("uncond_model_output", uncond_model_output)):
             if x is not None and validation.tensor(name, x, floating=True).shape != sample.shape:
                 raise ValueError(f"{name} has shape {tuple(x.shape)}, expected sample's shape {tuple(sample.shape)}")
-        if self._slots is not None and (self._slots.shape[1:], self._slots.dtype, self._slots.device) != (
-                sample.shape, sample.dtype, sample.device):
+        if self._run is not None and self._run != (sample.shape, sample.dtype, sample.device):
+            shape, dtype, device = self._run
             raise ValueError(f"sample is a {sample.dtype} tensor of shape {tuple(sample.shape)} on {sample.device}, but "
-                             f"this run started with {self._slots.dtype} {tuple(self._slots.shape[1:])} on "
-                             f"{self._slots.device}; call set_timesteps to start a new run")
+                             f"this run started with {dtype} {tuple(shape)} on {device}; call set_timesteps to start "
+                             "a new run")
+
+    def _checked(self, linear: LinearStep) -> LinearStep:
+        """A step of a scheduler without memory must not touch the slots it does not have."""
+        if not self.memory and linear.needs_memory:
+            raise RuntimeError(f"{type(self).__name__} planned a step that uses slots, but it keeps none (memory=False)")
+        return linear
 
     def _planned_steps(self) -> Iterator[LinearStep]:
         """The run's plan; after a copy or unpickling (a generator cannot be copied) it is rebuilt
@@ -166,10 +176,10 @@ class LinearScheduler(SchedulerBase):
         if len(timesteps) == 0 or not torch.equal(timesteps.cpu(), self.timesteps[start:].cpu()):
             raise ValueError("timesteps must be a non-empty tail of the scheduler's timesteps")
         plan, ring = self._plan(start, **step_kwargs), LinearPlan()
-        steps = [next(plan) for _ in range(len(timesteps))]
+        steps = [self._checked(next(plan)) for _ in range(len(timesteps))]
         rows = torch.stack([ring.pack(step) for step in steps])
         host = tuple(timesteps.tolist())
-        return StepTables(timesteps.clone(), rows, tuple(step.noise for step in steps), host, slots=True,
+        return StepTables(timesteps.clone(), rows, tuple(step.noise for step in steps), host, slots=self.memory,
                           scales_input=any(step.input_scale != 1 for step in steps))
 
     def _update(self, model_output, sample, row, noise=None, slots=None, *, uncond_model_output=None,
