@@ -10,13 +10,16 @@ the same images as the eager loop, and the eager loop runs under ``torch.cuda.se
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdiff
-from fastdiff import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from fastdiff import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
+                      EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+from fastdiff.schedulers.solver import LinearScheduler
 from fastdiff.sampling_loop import SamplingLoop, loop_key
 from fastdiff.schedulers.ddim import ddim_alphas
 from fastdiff.schedulers.ddpm import ddpm_alphas
@@ -31,6 +34,16 @@ CASES = {
     "ddpm_offset": (lambda: DDPMScheduler(num_train_timesteps=50, steps_offset=1, variance_type="fixed_large"), {}),
     "ddim_sdedit": (lambda: DDIMScheduler(num_train_timesteps=50, prediction_type="v_prediction"),
                     {"image": torch.linspace(0, 1, 64).reshape(1, 8, 8), "strength": 0.6}),
+    # multistep: history slots held by the loop, warm-up and final lower orders, σ-scaled inputs, PRK stages
+    "dpm_cfg": (lambda: DPMSolverMultistepScheduler(num_train_timesteps=50),
+                {"class_labels": [0, 1, 2], "guidance_scale": 2.0}),
+    "sde_dpm3": (lambda: DPMSolverMultistepScheduler(num_train_timesteps=50, algorithm_type="sde-dpmsolver++",
+                                                     solver_order=3, lower_order_final=False), {}),
+    "unipc_labels": (lambda: UniPCMultistepScheduler(num_train_timesteps=50, solver_order=3), {"class_labels": 1}),
+    "euler_karras": (lambda: EulerDiscreteScheduler(num_train_timesteps=50, use_karras_sigmas=True), {}),
+    "euler_a_cfg": (lambda: EulerAncestralDiscreteScheduler(num_train_timesteps=50),
+                    {"class_labels": [0, 1, 2], "guidance_scale": 2.0}),
+    "pndm_prk": (lambda: PNDMScheduler(num_train_timesteps=50), {}),
 }
 
 
@@ -50,21 +63,24 @@ def step_by_step(pipe: DiffusionPipeline, generator, batch=3, eta=0.0, class_lab
     timesteps = scheduler.timesteps
     noise = fastdiff.schedulers.schedule.randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
     if image is None:
-        x = noise
+        x = noise * scheduler.init_noise_sigma
     else:
         timesteps = timesteps[len(timesteps) - int(len(timesteps) * strength):]
         x0 = (image.to(device, unet.dtype) * 2 - 1).expand(shape)
         x = scheduler.add_noise(x0, noise, timesteps[:1].repeat(batch))
     labels = None if class_labels is None else torch.as_tensor(class_labels, device=device).expand(batch)
     kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    if "generator" in inspect.signature(scheduler.step).parameters:  # not PNDM's (diffusers' signature)
+        kwargs["generator"] = generator
     for t in timesteps:
+        model_input = scheduler.scale_model_input(x, t)
         if guidance_scale not in (None, 1.0):
-            both = unet(torch.cat([x, x]), t, torch.cat([labels, torch.full_like(labels, unet.null_class)]))
+            both = unet(torch.cat([model_input] * 2), t, torch.cat([labels, torch.full_like(labels, unet.null_class)]))
             cond, uncond = both.chunk(2)
             kwargs.update(uncond_model_output=uncond, guidance_scale=guidance_scale)
-            x = scheduler.step(cond, t, x, generator=generator, **kwargs).prev_sample
+            x = scheduler.step(cond, t, x, **kwargs).prev_sample
         else:
-            x = scheduler.step(unet(x, t, labels), t, x, generator=generator, **kwargs).prev_sample
+            x = scheduler.step(unet(model_input, t, labels), t, x, **kwargs).prev_sample
     return (x / 2 + 0.5).clamp(0, 1).float()
 
 
@@ -74,9 +90,15 @@ def sample(pipe, seed=0, generator_device="cpu", **kwargs) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the loop = Scheduler.step
-# the interpreter runs the U-Net's kernels too (~30 s a case): two stochastic cases cover the step kernels
+def step_op(scheduler) -> str:
+    if isinstance(scheduler, LinearScheduler):
+        return "multistep_update"
+    return "ddim_step" if isinstance(scheduler, DDIMScheduler) else "ddpm_step"
+
+
+# the interpreter runs the U-Net's kernels too (~30 s a case): stochastic cases cover the step kernels
 @pytest.mark.parametrize("case, backend", [(case, "torch") for case in sorted(CASES)]
-                         + [("ddim_eta_cfg", "triton"), ("ddpm_offset", "triton")])
+                         + [("ddim_eta_cfg", "triton"), ("ddpm_offset", "triton"), ("sde_dpm3", "triton")])
 def test_loop_equals_step_by_step(tiny_pipeline, case, backend, launches):
     pipe = pipeline(tiny_pipeline, case)
     kwargs = CASES[case][1]
@@ -84,9 +106,8 @@ def test_loop_equals_step_by_step(tiny_pipeline, case, backend, launches):
         images = sample(pipe, **kwargs)
         expected = step_by_step(pipe, torch.Generator().manual_seed(0), **kwargs)
     assert torch.equal(images, expected)
-    step_op = "ddim_step" if isinstance(pipe.scheduler, DDIMScheduler) else "ddpm_step"
-    steps = round(STEPS * kwargs.get("strength", 1.0))
-    assert launches[step_op] == (2 * steps if backend == "triton" else 0)  # the loop's and step_by_step's
+    steps = round(len(pipe.scheduler.timesteps) * kwargs.get("strength", 1.0))  # PRK: 4 calls per step
+    assert launches[step_op(pipe.scheduler)] == (2 * steps if backend == "triton" else 0)  # the loop's and ours
 
 
 def test_step_tables_hold_what_step_uses():
@@ -146,7 +167,8 @@ def host_reads(monkeypatch) -> list[str]:
 
 
 @pytest.mark.parametrize("case, backend", [("ddim_eta_cfg", "torch"), ("ddpm_labels", "torch"),
-                                           ("ddpm_labels", "triton")])
+                                           ("ddpm_labels", "triton"), ("dpm_cfg", "torch"), ("euler_a_cfg", "torch"),
+                                           ("pndm_prk", "torch"), ("unipc_labels", "torch")])
 def test_loop_reads_nothing_back(tiny_pipeline, case, backend, host_reads):
     pipe = pipeline(tiny_pipeline, case)
     with fastdiff.use_backend(backend):
@@ -309,7 +331,8 @@ def test_cuda_graph_errors(tiny_pipeline):
 
 # ----------------------------------------------------------------------------- on a GPU
 GPU_CASES = [("ddim", "cuda"), ("ddim_eta_cfg", "cuda"), ("ddpm_labels", "cuda"), ("ddpm_offset", "cpu"),
-             ("ddim_sdedit", "cuda")]
+             ("ddim_sdedit", "cuda"), ("dpm_cfg", "cuda"), ("sde_dpm3", "cuda"), ("unipc_labels", "cuda"),
+             ("euler_karras", "cuda"), ("euler_a_cfg", "cpu"), ("pndm_prk", "cuda")]
 
 
 @pytest.mark.gpu
@@ -334,7 +357,7 @@ def test_cuda_graph_gives_the_same_images(tiny_pipeline, case, generator_device,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("case", ["ddim_eta_cfg", "ddpm_labels"])
+@pytest.mark.parametrize("case", ["ddim_eta_cfg", "ddpm_labels", "sde_dpm3", "euler_a_cfg", "pndm_prk"])
 def test_eager_loop_never_synchronises(tiny_pipeline, case, backend):
     """``set_sync_debug_mode("error")`` raises on any blocking copy, ``.item()`` or stream sync."""
     pipe = pipeline(tiny_pipeline, case, "cuda")
