@@ -354,9 +354,54 @@ def save_grid(images: torch.Tensor, labels, path, scale: int = 4) -> Path:
 # Command line: python -m fastdiff.quality, benchmarks/digits_quality.py, `fastdiff quality`
 # --------------------------------------------------------------------------------------------
 
+PLOT_METRICS = (("accuracy", "accuracy"), ("mean_confidence", "confidence"), ("diversity", "diversity"))
+
+
+def plot_steps(runs: Sequence[dict], path, baselines: Sequence[dict] = ()) -> Path:
+    """Quality against the number of steps: accuracy, confidence and diversity (one panel each) per
+    scheduler, steps on a log axis; a scheduler run at one step count only (DDPM-1000) is a dashed
+    level, the baselines (real digits) dotted ones. ``runs``: ``QualityReport.to_dict()`` records."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("the quality plot needs matplotlib: pip install matplotlib") from error
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[int, dict]]] = {}
+    for record in runs:
+        kind, steps = parse_run(record["name"])
+        curves.setdefault(kind, []).append((steps, record))
+    fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(4.2 * len(PLOT_METRICS), 3.6), constrained_layout=True)
+    for ax, (key, label) in zip(axes, PLOT_METRICS):
+        for kind, points in curves.items():
+            points.sort(key=lambda point: point[0])
+            steps = [n for n, _ in points]
+            values = [np.nan if r[key] is None else r[key] for _, r in points]
+            if len(points) == 1:
+                ax.axhline(values[0], linestyle="--", linewidth=1, color="gray", label=f"{kind.upper()}-{steps[0]}")
+            else:
+                ax.plot(steps, values, marker="o", label=kind.upper())
+        for record in baselines:
+            ax.axhline(record[key], linestyle=":", linewidth=1, color="black", label=record["name"])
+        ax.set_xscale("log")
+        ticks = sorted({n for points in curves.values() if len(points) > 1 for n, _ in points})
+        if ticks:
+            ax.set_xticks(ticks, [str(n) for n in ticks])
+            ax.minorticks_off()
+        ax.set_xlabel("sampling steps (U-Net calls)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="digits", help="pretrained name or directory (default: digits)")
-    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), metavar="SCHEDULER-STEPS",
+    parser.add_argument("--runs", nargs="+", default=None, metavar="SCHEDULER-STEPS",
                         help=f"what to evaluate (default: {' '.join(DEFAULT_RUNS)})")
     parser.add_argument("--per-class", type=validation.int_arg(1), default=20, help="samples per digit (default: 20)")
     parser.add_argument("--guidance", type=validation.float_arg(), default=None,
@@ -370,6 +415,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--grid", type=Path, default=None, metavar="PATH",
                         help="also save each run's samples as a PNG grid, one row per digit "
                              "(samples.png → samples-ddim-50.png)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
+                        help="also plot accuracy, confidence and diversity against steps, one line per scheduler (PNG)")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="PATH",
+                        help="sample nothing: print (and --plot) the runs of earlier --json results")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any run misses the bar")
     parser.add_argument("--progress", action="store_true", help="show sampling progress bars")
     return parser
@@ -416,11 +465,17 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate the requested runs, print a Markdown table; the exit status for the CLI."""
     import fastdiff
 
-    runs = [parse_run(spec) for spec in args.runs]  # fail on a typo, a bad path or a missing model first
+    if args.from_json is not None and args.runs is not None:
+        raise ValueError("--runs samples new runs, --from-json reads earlier ones: give one of them")
+    runs = [parse_run(spec) for spec in args.runs or DEFAULT_RUNS]  # a typo, a bad path, a missing model: first
     if args.json is not None:
         validation.output_file("--json", args.json, (".json",))
     if args.grid is not None:
         validation.output_file("--grid", args.grid, validation.image_suffixes())
+    if args.plot is not None:
+        validation.output_file("--plot", args.plot, (".png",))
+    if args.from_json is not None:
+        return _replot(args)
     pipe = fastdiff.load_pretrained(args.model, device=_device(args))
     baselines = [baseline_report(heldout=False, seed=args.seed), baseline_report(heldout=True, seed=args.seed)]
     print(QualityReport.markdown_header())
@@ -440,6 +495,39 @@ def run(args: argparse.Namespace) -> int:
         result = _metadata(args) | {"baseline": [r.to_dict() for r in baselines],
                                     "runs": [r.to_dict() for r in reports]}
         write_json(_json_safe(result), args.json)
+    if args.plot is not None:
+        plot_steps([_json_safe(r.to_dict()) for r in reports], args.plot, [_json_safe(baselines[1].to_dict())])
+    return 1 if args.strict and not all(r.passes() for r in reports) else 0
+
+
+def _replot(args: argparse.Namespace) -> int:
+    """--from-json: the runs of earlier results (a later file's run replaces an earlier one's of that name)."""
+    from .io import read_json
+
+    runs, baselines = {}, {}
+    for path in args.from_json:
+        data = read_json(path, argument="--from-json")
+        if not isinstance(data.get("runs"), list):
+            raise ValueError(f"--from-json: {path} is not a quality result (no 'runs' list; write one with --json)")
+        runs.update({r["name"]: r for r in data["runs"]})
+        baselines.update({r["name"]: r for r in data.get("baseline", [])})
+    for record in runs.values():
+        parse_run(record["name"])
+    fields = {f.name for f in dataclasses.fields(QualityReport)}
+
+    def report(record: dict) -> QualityReport:
+        return QualityReport(**{k: (math.nan if v is None and k != "seconds" else v)
+                                for k, v in record.items() if k in fields})
+
+    print(QualityReport.markdown_header())
+    for record in baselines.values():
+        print(report(record).to_markdown_row())
+    reports = [report(record) for record in runs.values()]
+    for r in reports:
+        print(r.to_markdown_row())
+    if args.plot is not None:
+        heldout = [r for name, r in baselines.items() if "held-out" in name]
+        plot_steps(list(runs.values()), args.plot, heldout)
     return 1 if args.strict and not all(r.passes() for r in reports) else 0
 
 

@@ -226,6 +226,38 @@ def test_main_prints_table_and_writes_json_and_grid(stand_in, tmp_path, capsys):
 
 
 @requires_sklearn
+def test_quality_against_steps_is_plotted_and_replotted_from_json(stand_in, tmp_path, capsys):
+    from PIL import Image
+
+    status = quality.main(["--runs", "ddim-2", "ddim-4", "ddpm-3", "--per-class", "2", "--json",
+                           str(tmp_path / "q.json"), "--plot", str(tmp_path / "steps.png")])
+    assert status == 0
+    with Image.open(tmp_path / "steps.png") as figure:
+        assert figure.format == "PNG" and figure.size[0] > 2 * figure.size[1]  # three panels side by side
+    capsys.readouterr()
+    first = json.loads((tmp_path / "q.json").read_text())
+    later = first | {"runs": [first["runs"][0] | {"accuracy": 0.5}]}  # a rerun of DDIM-2 replaces it
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    status = quality.main(["--from-json", str(tmp_path / "q.json"), str(tmp_path / "later.json"),
+                           "--plot", str(tmp_path / "again.png"), "--strict"])
+    table = capsys.readouterr().out
+    assert status == 1  # the replaced DDIM-2 run misses the bar
+    assert "| DDIM-2 | 20 | 0.500 |" in table and "| DDIM-4 | 20 |" in table and "| DDPM-3 | 20 |" in table
+    assert "held-out" in table and (tmp_path / "again.png").stat().st_size > 0
+
+
+@requires_sklearn
+def test_replot_errors(tmp_path):
+    (tmp_path / "other.json").write_text(json.dumps({"runs": "none"}))
+    with pytest.raises(ValueError, match="give one of them"):
+        quality.main(["--from-json", str(tmp_path / "other.json"), "--runs", "ddim-5"])
+    with pytest.raises(ValueError, match="not a quality result"):
+        quality.main(["--from-json", str(tmp_path / "other.json")])
+    with pytest.raises(ValueError, match="--plot"):
+        quality.main(["--from-json", str(tmp_path / "other.json"), "--plot", str(tmp_path / "steps.jpgx")])
+
+
+@requires_sklearn
 def test_main_runs_a_real_untrained_pipeline(tmp_path, capsys):
     """The real DiffusionPipeline's keywords and scheduler swap (no quality expected: random weights)."""
     torch.manual_seed(0)
