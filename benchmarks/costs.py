@@ -26,6 +26,16 @@ DDIM_FLOPS = 8  # x̂0 = (x − √(1−ᾱ)·ε)·(1/√ᾱ): 3; clip: 2; √�
 DDPM_FLOPS = 10  # x̂0: 3; clip: 2; posterior mean a·x̂0 + b·x: 3; + σ·z: 2
 GROUP_NORM_FLOPS = 8  # mean: 1; squared deviation: 3; (x − μ)·rstd·w + b: 4
 SILU_FLOPS = 4  # y·sigmoid(y): exp, add, divide, multiply
+GUIDANCE_FLOPS = 3  # m_u + w·(m_c − m_u): subtract, multiply, add
+# The steady-state steps of benchmarks/bench_multistep_step.py through fastdiff.ops.multistep_update:
+# (slots read, slots written, writes x̂0, FLOPs per element without guidance), as their packed rows say
+# (tests/test_bench.py checks the rows). Every step converts c = (a·x + b·m)/d: 4 FLOPs; a sum of n
+# terms Σ w_j·v_j: 2n − 1.
+MULTISTEP_STEPS = {
+    "dpmpp2m": (1, 1, False, 4 + 5),  # reads m1, pushes c; x_next over x, c, m1
+    "unipc_bh2": (3, 2, False, 4 + 7 + 7),  # reads m1, m2, last; sets last, pushes c; x_next, last over c, m1, m2, last
+    "euler": (0, 0, True, 4 + 3),  # no slots; writes x̂0 = c; x_next over x, c
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,19 @@ def ddpm_step(numel: int, itemsize: int, noise: bool = True) -> Cost:
     """DDPM step (ε-prediction, clipped, fixed variance): read the model output, x_t and z (none on the
     last step), write x_{t−1} and x̂0."""
     return elementwise(numel, itemsize, reads=2 + noise, writes=2, flops_per_element=DDPM_FLOPS - 2 * (not noise))
+
+
+def multistep_step(numel: int, itemsize: int, solver: str, guided: bool = False) -> Cost:
+    """One linear multistep step (``MULTISTEP_STEPS[solver]``): read the model output, x (+ the
+    unconditional output when ``guided``) and the slots the step reads, write x_{t−1}, the slots it
+    sets (c pushed into the history ring; UniPC's corrected sample) and x̂0 where the scheduler returns
+    it, each a tensor of ``numel`` elements; plus the step's packed row (ROW_SIZE float32, read once)."""
+    from fastdiff.reference import ROW_SIZE
+
+    slots_read, slots_written, writes_x0, flops = MULTISTEP_STEPS[solver]
+    base = elementwise(numel, itemsize, reads=2 + guided + slots_read, writes=1 + slots_written + writes_x0,
+                       flops_per_element=flops + GUIDANCE_FLOPS * guided)
+    return Cost(bytes=base.bytes + 4 * ROW_SIZE, flops=base.flops)
 
 
 def attention(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, itemsize: int) -> Cost:

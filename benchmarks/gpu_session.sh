@@ -11,21 +11,25 @@
 # The budget (BUDGET, default 570 s: the call's 600 less 30 for the last pack and the log) counts
 # from the script's start, setup included, and adds up (the script refuses caps that do not):
 #
-#   setup 40 (two pip installs, the version check) + stage caps 80 + 100 + 150 + 40 + 90 + 40 = 540,
-#   and the rest stage gets what is left: at least 30 s, more when setup was quicker.
+#   setup 40 (two pip installs, the version check) + stage caps 80 + 115 + 175 + 40 + 50 + 40 = 540,
+#   and the rest stage gets what is left: at least 30 s, more when setup was quicker. (Stage 2 got 15 s
+#   more for the multistep step's 6 quick cases and stage 3 25 s more for DPM++-10 at B = 256, both
+#   estimates, taken from tune's 90: the sweep stops between candidates and keeps what it measured.)
 #
 # Stages, most important first, each capped at min(its cap, the budget left):
 #   1. pytest -m gpu (80 s): the GPU tests (CUDA graphs == eager, no host sync, kernels at real
 #      sizes), less the bench test that stage 2 repeats;
-#   2. the op benchmarks, quick tier, without torch.compile peers (100 s): noising, both steps,
-#      attention, GroupNorm+SiLU (the goals compare them with the eager reference, SDPA and F.group_norm);
-#   3. DDIM-50 end to end at B = 256 in bf16 (150 s; the goal's case): fastdiff (eager, graphed,
-#      graphed channels_last), the reference, diffusers and diffusers + torch.compile (when the
-#      wheels came along);
+#   2. the op benchmarks, quick tier, without torch.compile peers (115 s): noising, the DDIM and DDPM
+#      steps, the multistep step (DPM-Solver++, UniPC, Euler; 6 cases), attention, GroupNorm+SiLU (the
+#      goals compare them with the eager reference, diffusers' step, SDPA and F.group_norm);
+#   3. DDIM-50 end to end at B = 256 in bf16 (175 s; the goal's case), then DPM++-10 at the same B:
+#      fastdiff (eager, graphed, graphed channels_last), the reference, diffusers and (DDIM only)
+#      diffusers + torch.compile (when the wheels came along);
 #   4. step_overhead, quick tier (40 s): per-step overhead outside the U-Net with CUDA graphs;
-#   5. benchmarks/tune.py (90 s): attention's launch configs first, then GroupNorm's, the elementwise kernels';
+#   5. benchmarks/tune.py (50 s): attention's launch configs first, then GroupNorm's, the elementwise kernels';
 #   6. the kernel tests of the CPU suite (40 s): odd shapes and strides, every table entry, compiled;
-#   7. with what time is left, the rest of the full tier (ops first, then end to end).
+#   7. with what time is left, the rest of the full tier (ops first, then end to end, DPM++'s
+#      diffusers + torch.compile among it).
 # Caps are estimates: no stage has run on a GPU yet. BUDGET, SETUP_S, CAPS (six numbers, in stage
 # order) and GRACE can be set in the environment (the test runs `all` in seconds that way).
 #
@@ -60,7 +64,7 @@ budget=${BUDGET:-570}
 setup_allowance=${SETUP_S:-40}
 grace=${GRACE:-10}
 stages=(tests ops-quick e2e overhead tune kernel-tests)
-read -r -a caps <<<"${CAPS:-80 100 150 40 90 40}"  # seconds, in the order of `stages`
+read -r -a caps <<<"${CAPS:-80 115 175 40 50 40}"  # seconds, in the order of `stages`
 DIFFUSERS=diffusers==0.42.1  # as pyproject's test extra
 # tests/ benchmark test that runs `fastdiff bench --quick --no-compile --ops ddim_step attention`:
 # the op-bench stage runs those cases again, so the GPU-tests stage leaves it out
@@ -210,7 +214,8 @@ run_stage() {
     tests) run_tests gpu-tests "$(cap "${1:-}")" -m gpu --deselect "$REPEATED_BENCH_TEST" ;;
     kernel-tests)  # the CPU suite's kernel tests (odd shapes, strides, every table entry), compiled for this GPU
         run_tests kernel-tests "$(cap "${1:-}")" -m "not gpu" tests/test_kernel_attention.py \
-            tests/test_kernel_group_norm.py tests/test_kernel_q_sample.py tests/test_kernel_scheduler_step.py
+            tests/test_kernel_group_norm.py tests/test_kernel_q_sample.py tests/test_kernel_scheduler_step.py \
+            tests/test_kernel_multistep.py
         ;;
     quick) bench quick "$(cap "${1:-}")" --quick ;;
     tune) tune "$(cap "${1:-}")" ;;
@@ -219,20 +224,20 @@ run_stage() {
         name=$(IFS=-; echo "$*")
         if (($#)); then bench "full-$name" "$(cap)" --ops "$@"; else bench full "$(cap)"; fi
         ;;
-    end_to_end)  # the goal's providers first; torch_peer's compile and diffusers_fastdiff come in `rest`
+    end_to_end)  # the goal's providers first (DDIM's, then DPM++'s); the compiles and diffusers_fastdiff in `rest`
         bench e2e-B256-bf16 "$(cap "${1:-}")" --ops end_to_end \
-            -k "B256 and bf16 and not torch_peer and not diffusers_fastdiff"
+            -k "B256 and bf16 and not torch_peer and not diffusers_fastdiff and not (dpmpp and diffusers_compile)"
         ;;
     all)
         run_stage tests "${caps[0]}"; pack
-        bench ops-quick "$(cap "${caps[1]}")" --quick --no-compile --ops q_sample ddim_step ddpm_step attention \
-            group_norm; pack
+        bench ops-quick "$(cap "${caps[1]}")" --quick --no-compile --ops q_sample ddim_step ddpm_step \
+            multistep_step attention group_norm; pack
         run_stage end_to_end "${caps[2]}"; pack
         bench overhead-quick "$(cap "${caps[3]}")" --quick --ops step_overhead; pack
         run_stage tune "${caps[4]}"; pack
         run_stage kernel-tests "${caps[5]}"; pack
-        bench rest "$(left)" --ops q_sample ddim_step ddpm_step attention group_norm end_to_end \
-            -k "not (B256 and bf16) or torch_peer or diffusers_fastdiff"
+        bench rest "$(left)" --ops q_sample ddim_step ddpm_step multistep_step attention group_norm end_to_end \
+            -k "not (B256 and bf16) or torch_peer or diffusers_fastdiff or (dpmpp and diffusers_compile)"
         ;;
     *) die "unknown stage $stage" ;;
     esac

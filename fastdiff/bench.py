@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-OPS = ("q_sample", "ddim_step", "ddpm_step", "attention", "group_norm", "end_to_end", "step_overhead")
+OPS = ("q_sample", "ddim_step", "ddpm_step", "multistep_step", "attention", "group_norm", "end_to_end", "step_overhead")
 GPU_ONLY_OPS = ("step_overhead",)  # CUDA graphs: their CPU case is skipped, so a CPU run has no record
 PROVIDERS = ("fastdiff", "fastdiff_graph", "fastdiff_graph_cl", "reference", "torch_peer", "diffusers",
              "diffusers_compile", "diffusers_fastdiff")

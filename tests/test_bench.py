@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from fastdiff import bench
+from fastdiff.reference import ROW_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -142,6 +143,24 @@ def test_every_record_has_the_required_extra_info(quick_run):
             assert r["op"] == "end_to_end" or r["rel_err"] <= harness.TOLERANCE[r["dtype"]]
         if r["driver"] is None:  # no NVML on this machine: every field empty, and a reason
             assert r["nvml_error"] and all(r[f] is None for f in telemetry.FIELDS)
+
+
+@cpu_only
+def test_multistep_cases_and_the_dpm_sampler_run_on_the_cpu(quick_run):
+    """The CPU tier's multistep cases (one SD latent per sampler) against diffusers' steps, and end to
+    end DPM++ next to DDIM (at the CPU tier's 2 steps each), with images/s in the record."""
+    costs = suite_module("costs")
+    records = bench.load_results(quick_run[2]).records
+    steps = [r for r in records if r["op"] == "multistep_step"]
+    assert {r["shape"] for r in steps} == {"dpmpp2m_cfg_1x4x64x64", "unipc_bh2_1x4x64x64", "euler_cfg_1x4x64x64"}
+    assert {r["provider"] for r in steps} == {"reference", "torch_peer", "diffusers"}
+    for r in steps:
+        assert r["bytes"] == costs.multistep_step(1 * 4 * 64 * 64, 4, r["solver"], guided=r["guided"]).bytes
+        assert r["guided"] == ("_cfg_" in r["shape"]) and r["step"] == 10 and r["steps"] == 20
+    end_to_end = [r for r in records if r["op"] == "end_to_end"]
+    assert {(r["shape"], r["sampler"]) for r in end_to_end} == {("digits_B1", "DDIM-2"), ("digits_B1_dpmpp", "DPM++-2")}
+    for r in end_to_end:
+        assert r["images_per_s"] == pytest.approx(1 / (r["median_ms"] * 1e-3))  # B = 1
 
 
 @cpu_only
@@ -446,7 +465,60 @@ def test_cost_models_count_known_shapes():
     assert costs.ddim_step(1000, 2, guided=True, noise=True).bytes == 6 * 1000 * 2
     assert costs.ddpm_step(1000, 4).bytes == 5 * 1000 * 4 and costs.ddpm_step(1000, 4, noise=False).bytes == 4 * 4000
     assert costs.group_norm(numel=4096, channels=64, itemsize=2).bytes == 2 * 4096 * 2 + 2 * 64 * 2
+    # multistep steps: model output(s), x and the slots read; x_next, the slots written, x̂0; + the packed row
+    row = 4 * ROW_SIZE
+    assert costs.multistep_step(1000, 4, "dpmpp2m").bytes == (3 + 2) * 4000 + row  # m, x, m1; x_next, c
+    assert costs.multistep_step(1000, 2, "dpmpp2m", guided=True).bytes == (4 + 2) * 2000 + row  # + m_u
+    assert costs.multistep_step(1000, 4, "unipc_bh2").bytes == (5 + 3) * 4000 + row  # + m2, last; + last
+    assert costs.multistep_step(1000, 4, "euler", guided=True).bytes == (3 + 2) * 4000 + row  # m, m_u, x; x_next, x̂0
+    assert costs.multistep_step(1000, 4, "dpmpp2m", guided=True).flops == (3 + 4 + 5) * 1000  # guide, c, 3 terms
+    assert costs.multistep_step(1000, 4, "unipc_bh2").flops == (4 + 7 + 7) * 1000  # c; x_next, last over 4 terms
     assert costs.sampling(flops_per_image=10, batch=3, steps=50).flops == 1500
+
+
+@pytest.mark.parametrize("solver", ["dpmpp2m", "unipc_bh2", "euler"])
+def test_multistep_costs_count_what_the_steady_rows_read_and_write(solver):
+    """costs.MULTISTEP_STEPS against the packed row of the step the bench times: the slots its flags
+    read and write, whether x̂0 is written, and its nonzero coefficients (a sum of n terms: 2n − 1 FLOPs)."""
+    from fastdiff import reference as R
+
+    costs, steps = suite_module("costs"), suite_module("bench_multistep_step")
+    state = steps.steady_state(solver, False, (1, 4, 8, 8), torch.float32, "cpu", with_diffusers=False)
+    row = state.row.cpu()
+    reads = int((row[R.ROW_READS:R.ROW_READS + R.MULTISTEP_SLOTS] > 0).sum())
+    sets = (row[R.ROW_SETS:R.ROW_SETS + 2] > 0).tolist()
+    writes = int(row[R.ROW_PUSH] >= 0) + sum(sets)
+    combines = [R.ROW_OUT] + [offset for offset, on in zip((R.ROW_LAST, R.ROW_ACC), sets) if on]
+    terms = [int((row[offset:offset + R.MULTISTEP_INPUTS] != 0).sum()) for offset in combines]
+    flops = 4 + sum(2 * n - 1 for n in terms)  # c = (a·x + b·m)/d, then each sum
+    assert (state.slots is not None) == (reads + writes > 0)
+    assert costs.MULTISTEP_STEPS[solver] == (reads, writes, state.returns_x0, flops)
+
+
+@pytest.mark.parametrize("solver, guided", [("dpmpp2m", True), ("unipc_bh2", False), ("euler", True)])
+def test_multistep_fastdiff_provider_runs_the_kernel_on_its_own_slots(solver, guided, launches):
+    """What the GPU run's fastdiff provider calls, here on Triton's interpreter (on a GPU: compiled):
+    one launch, the reference's x_next, x̂0 and slots; the state's slots are left as they were."""
+    steps, harness = suite_module("bench_multistep_step"), suite_module("harness")
+    device = "cuda" if HAS_CUDA else "cpu"
+    state = steps.steady_state(solver, guided, (2, 4, 8, 8), torch.float32, device, with_diffusers=False)
+    before = None if state.slots is None else state.slots.clone()
+    out, expected = steps.fused_step("fastdiff", state)(), steps.fused_step("reference", state)()
+    assert launches["multistep_update"] == 1 and len(out) == len(expected) == 2
+    assert harness.rel_err(out, expected) <= 1e-6
+    if before is not None:
+        assert torch.equal(state.slots, before) and not torch.equal(out[1], before)  # the copy was updated
+
+
+def test_multistep_cases_cover_every_sampler_and_size():
+    harness, steps = suite_module("harness"), suite_module("bench_multistep_step")
+    full, quick = harness.select(steps.CASES, "full"), harness.select(steps.CASES, "quick")
+    assert {c.id for c in quick} <= {c.id for c in full} and len({c.id for c in full}) == len(full)
+    variants = {(c.dims["solver"], c.dims["guided"], c.dtype) for c in full}
+    assert variants == {(s, g, d) for s, g in steps.VARIANTS for d in ("fp32", "bf16")}
+    main = {c.dims["shape"] for c in full if (c.dims["solver"], c.dims["guided"]) == ("dpmpp2m", True)}
+    assert main == set(steps.LATENTS + steps.PIXELS)
+    assert {c.dtype for c in harness.select(steps.CASES, "cpu")} == {"fp32"}
 
 
 def test_unet_flops_match_diffusers_own_count():

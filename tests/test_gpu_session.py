@@ -249,6 +249,25 @@ def test_gpu_tests_leave_out_the_bench_test_that_the_op_stage_repeats(sessions):
     assert ops and set(ops) <= set(ops_quick[ops_quick.index("--ops") + 1:])  # every case it runs, stage 2 runs
 
 
+def test_every_op_and_kernel_test_file_has_a_stage(sessions):
+    """A new op (fastdiff.bench.OPS) runs in the quick op stage and in the rest of the full tier, and a
+    new kernel's test file in the kernel-tests stage: registering one where the suite finds it is
+    not enough for the GPU session to run it."""
+    from fastdiff import bench
+
+    calls = [c["args"] for c in sessions["all"].calls]
+
+    def ops_of(stage: str) -> set[str]:
+        [args] = [a for a in calls if any(arg.endswith(f"-{stage}.json") for arg in a)]
+        ops = args[args.index("--ops") + 1:]
+        return set(ops[:next((i for i, op in enumerate(ops) if op.startswith("-")), len(ops))])
+
+    per_op = set(bench.OPS) - {"end_to_end", *bench.GPU_ONLY_OPS}  # end to end and step_overhead: own stages
+    assert per_op <= ops_of("ops-quick") and per_op | {"end_to_end"} <= ops_of("rest")
+    [kernel_tests] = [a for a in calls if a[:2] == ["-m", "pytest"] and any("kernel-tests" in arg for arg in a)]
+    assert {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_kernel_*.py")} <= set(kernel_tests)
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["all"], {"BUDGET": "100"}, "setup + stage caps = 540s exceed BUDGET=100s (setup 40 + tests 80 + "),
     (["all"], {"CAPS": "1 2"}, "CAPS must give 6 caps (tests ops-quick e2e overhead tune kernel-tests)"),
@@ -264,6 +283,6 @@ def test_a_bad_budget_or_stage_is_refused_before_setup(tmp_path, args, env, mess
 def test_the_default_budget_adds_up_and_a_broken_setup_stops_at_once(tmp_path):
     s = finish(tmp_path, *launch(tmp_path, ["all"], {}, {"pip_fails": True}), 570)
     assert s.rc == 1
-    assert ("budget 570s = setup 40 + tests 80 + ops-quick 100 + e2e 150 + overhead 40 + tune 90 + kernel-tests 40 "
+    assert ("budget 570s = setup 40 + tests 80 + ops-quick 115 + e2e 175 + overhead 40 + tune 50 + kernel-tests 40 "
             "+ rest 30") in s.log
     assert not s.staged()  # no stage started after the failed install
