@@ -368,6 +368,24 @@ def test_accelerated_pipeline_gives_the_stock_images(kind, eta, launches):
     assert actual.std() > 0.05  # real images, not a constant both sides agree on
 
 
+@pytest.mark.parametrize("stock, config", [("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+                                           ("EulerAncestralDiscreteScheduler", {})])
+def test_accelerated_multistep_pipeline_gives_the_stock_images(stock, config, launches):
+    """DDPMPipeline with a multistep scheduler (it passes the generator to step: noise in diffusers' order).
+    Linear betas: with the cosine schedule's σ_max (T = 100) diffusers' own float32 Euler-ancestral step
+    loses ~1e-4 to cancellation (tests/test_compat_euler.py compares with diffusers in float64 there)."""
+    pipe = tiny_pipeline("ddpm")
+    pipe.scheduler = getattr(diffusers, stock).from_config(pipe.scheduler.config, beta_schedule="linear", **config)
+    expected = images(pipe)
+    accelerate(pipe)
+    assert type(pipe.scheduler).__name__ == f"Fast{stock}"
+    with fastdiff.use_backend("triton"):
+        actual = images(pipe)
+    assert launches["multistep_update"] == 3
+    assert_close(actual, expected)
+    assert actual.std() > 0.05
+
+
 def test_accelerate_is_idempotent():
     pipe = accelerate(tiny_pipeline("ddim"))
     scheduler, processors = pipe.scheduler, [m.processor for m in attention_modules(pipe.unet)]
@@ -396,11 +414,26 @@ def test_accelerate_rejects_what_it_cannot_accelerate():
                                    norm_num_groups=4))
 
     pipe = tiny_pipeline("ddpm")
-    pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match="PNDMScheduler"):
+    pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler.*accelerate\\(pipe.unet\\)"):
         accelerate(pipe)
-    assert type(pipe.scheduler) is diffusers.PNDMScheduler  # left untouched
+    assert type(pipe.scheduler) is diffusers.HeunDiscreteScheduler  # left untouched
     assert all(type(m.processor) is AttnProcessor2_0 for m in attention_modules(pipe.unet))
+
+
+@pytest.mark.parametrize("stock", ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
+                                   "UniPCMultistepScheduler", "EulerDiscreteScheduler",
+                                   "EulerAncestralDiscreteScheduler", "PNDMScheduler"])
+def test_accelerate_swaps_in_each_schedulers_twin(stock):
+    from fastdiff.compat import diffusers as compat
+
+    pipe = tiny_pipeline("ddpm")
+    pipe.scheduler = getattr(diffusers, stock).from_config(pipe.scheduler.config, steps_offset=1)
+    accelerate(pipe)
+    fast = pipe.scheduler
+    assert type(fast) is getattr(compat, f"Fast{stock}") and isinstance(fast, getattr(diffusers, stock))
+    assert fast.config.steps_offset == 1 and fast.config.beta_schedule == "squaredcos_cap_v2"  # the same config
+    assert accelerate(pipe).scheduler is fast  # idempotent
 
 
 def test_other_processors_are_kept_with_a_warning():

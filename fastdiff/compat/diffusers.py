@@ -11,6 +11,11 @@
   ``compatibles`` and ``isinstance`` checks are diffusers' own. ``step``, ``add_noise`` and
   ``get_velocity`` run ``fastdiff.ops``' fused ops (a whole sampling step in one launch) with
   diffusers' semantics: the same generator draws in the same order, the same outputs.
+* ``FastDPMSolverMultistepScheduler``, ``FastUniPCMultistepScheduler``, ``FastEulerDiscreteScheduler``,
+  ``FastEulerAncestralDiscreteScheduler``, ``FastPNDMScheduler``: the same for the multistep
+  schedulers; each step is one ``ops.multistep_update`` launch and leaves diffusers' own state
+  (history lists, counters, step index), whose tensors are views of the op's slots. Their modules
+  (``_dpmsolver``, ``_unipc``, ``_euler``, ``_pndm``) list what runs diffusers' code instead.
 * ``FastAttnProcessor``: an attention processor that does what diffusers' ``AttnProcessor2_0`` does
   (spatial norm, group norm, cross-attention norm, q/k norms, mask, residual, rescale factor)
   with fastdiff's flash-attention kernel in place of ``scaled_dot_product_attention``.
@@ -54,10 +59,17 @@ from .. import ops, validation
 from ..backend import resolve
 from ..schedulers.ddim import fused_ddim_step
 from ..schedulers.ddpm import fused_ddpm_step
+from . import _dpmsolver, _euler, _pndm, _unipc
+from ._dpmsolver import FastDPMSolverMultistepScheduler
+from ._euler import FastEulerAncestralDiscreteScheduler, FastEulerDiscreteScheduler
+from ._pndm import FastPNDMScheduler
+from ._slots import KERNEL_DTYPES
+from ._unipc import FastUniPCMultistepScheduler
 
-__all__ = ["FastAttnProcessor", "FastDDIMScheduler", "FastDDPMScheduler", "accelerate"]
+__all__ = ["FastAttnProcessor", "FastDDIMScheduler", "FastDDPMScheduler", "FastDPMSolverMultistepScheduler",
+           "FastEulerAncestralDiscreteScheduler", "FastEulerDiscreteScheduler", "FastPNDMScheduler",
+           "FastUniPCMultistepScheduler", "accelerate"]
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # kernels/attention.py: MAX_HEAD_DIM (imported there with triton; kept in step by a test)
 
 
@@ -150,7 +162,8 @@ class FastDDIMScheduler(_FusedNoising, DDIMScheduler):
 
 
 # diffusers scheduler class -> its fused twin (exact classes: a user's subclass may change step)
-FAST_SCHEDULERS = {DDPMScheduler: FastDDPMScheduler, DDIMScheduler: FastDDIMScheduler}
+FAST_SCHEDULERS = {DDPMScheduler: FastDDPMScheduler, DDIMScheduler: FastDDIMScheduler,
+                   **_dpmsolver.FAST, **_unipc.FAST, **_euler.FAST, **_pndm.FAST}
 
 
 # ----------------------------------------------------------------------------- attention
@@ -271,20 +284,21 @@ def _fast_scheduler(pipe: DiffusionPipeline):
         return scheduler
     fast_class = FAST_SCHEDULERS.get(type(scheduler))
     if fast_class is None:
+        names = ", ".join(sorted(stock.__name__ for stock in FAST_SCHEDULERS))
         raise ValueError(
-            f"accelerate supports diffusers pipelines that sample with DDPMScheduler or DDIMScheduler "
-            f"(DDPMPipeline, DDIMPipeline, ...); {type(pipe).__name__} has scheduler "
-            f"{type(scheduler).__name__}. To run only the attention on fastdiff's kernel, pass the model: "
-            f"accelerate(pipe.unet)")
+            f"accelerate supports diffusers pipelines that sample with one of {names}; "
+            f"{type(pipe).__name__} has scheduler {type(scheduler).__name__}. To run only the attention "
+            f"on fastdiff's kernel, pass the model: accelerate(pipe.unet)")
     return fast_class.from_config(scheduler.config)
 
 
 def accelerate(pipe_or_model):
     """Run a diffusers pipeline's or model's hot path on fastdiff's fused kernels; returns the same object.
 
-    * a ``DiffusionPipeline`` whose scheduler is ``DDPMScheduler`` or ``DDIMScheduler``: the scheduler
-      becomes ``FastDDPMScheduler`` / ``FastDDIMScheduler`` (same config), and every attention module of
-      every model component gets ``FastAttnProcessor``;
+    * a ``DiffusionPipeline`` whose scheduler is one of diffusers' DDPM, DDIM, DPMSolverMultistep,
+      UniPCMultistep, EulerDiscrete, EulerAncestralDiscrete or PNDM schedulers: the scheduler becomes
+      its ``Fast*`` twin (same config), and every attention module of every model component gets
+      ``FastAttnProcessor``;
     * a model (``UNet2DModel``, ``UNet2DConditionModel``, any ``torch.nn.Module`` holding diffusers
       ``Attention`` modules): every attention module gets ``FastAttnProcessor``.
 
