@@ -167,9 +167,11 @@ def build_scheduler(config: TrainConfig):
     """The scheduler saved with the model; its ᾱ table is also the one training noises with."""
     from .schedulers import DDIMScheduler
 
-    # clip_sample: the data lies in [-1, 1], so DDIM's x̂0 may be clipped to it.
+    # clip_sample=False (diffusers' DDIM default is True): clipping x̂0 to the data's [-1, 1] while the
+    # step keeps the unclipped ε̂ drifts with the number of steps. Measured on the embedded digits
+    # model (cosine schedule): DDIM-50 accuracy 0.925 / confidence 0.895 clipped, 1.000 / 0.964 not.
     return DDIMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
-                         prediction_type=config.prediction_type, clip_sample=True)
+                         prediction_type=config.prediction_type, clip_sample=False)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
