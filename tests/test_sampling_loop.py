@@ -224,7 +224,9 @@ def make_loop(pipe, case, steps=STEPS, seed=0):
     return loop
 
 
-@pytest.mark.parametrize("case, kinds", [("ddim", [False]), ("ddpm_offset", [True]), ("ddpm_labels", [True])])
+@pytest.mark.parametrize("case, kinds", [("ddim", [False]), ("ddpm_offset", [True]), ("ddpm_labels", [True]),
+                                         ("dpm_cfg", [False]), ("sde_dpm3", [True]), ("unipc_labels", [False]),
+                                         ("euler_karras", [False]), ("euler_a_cfg", [True]), ("pndm_prk", [False])])
 def test_graph_mode_captures_once_per_kind_and_reuses(tiny_pipeline, stub_capture, case, kinds, monkeypatch):
     pipe = pipeline(tiny_pipeline, case)
     eager = make_loop(pipe, case).run(torch.Generator().manual_seed(1), progress=False).clone()
@@ -237,17 +239,17 @@ def test_graph_mode_captures_once_per_kind_and_reuses(tiny_pipeline, stub_captur
     assert torch.equal(graphed, eager)
     assert stub_capture == kinds
     # each kind's first step eager, then replays; a kind seen once (DDPM's t = 0 step) stays eager
-    noisy = loop.tables.noisy
+    noisy, steps = loop.tables.noisy, len(loop.tables)  # PNDM with PRK: STEPS + 9 steps
     replayed = sum(graph.replays for graph in loop.graphs.values())
-    assert replayed == STEPS - len(set(noisy))
-    assert len(eager_steps) == STEPS  # replays of the stub step eagerly too: every step ran exactly once
+    assert replayed == steps - len(set(noisy))
+    assert len(eager_steps) == steps  # replays of the stub step eagerly too: every step ran exactly once
 
     # a second run of the same loop replays from the first step; nothing new is captured (a kind
     # that comes up once per run stays eager)
     eager_steps.clear()
     loop.reset(torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), None)
     again = loop.run(torch.Generator().manual_seed(1), cuda_graph=True, progress=False)
-    assert torch.equal(again, eager) and stub_capture == kinds and len(eager_steps) == STEPS
+    assert torch.equal(again, eager) and stub_capture == kinds and len(eager_steps) == steps
     assert sum(graph.replays for graph in loop.graphs.values()) == replayed + sum(n in loop.graphs for n in noisy)
 
 
