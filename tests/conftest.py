@@ -84,3 +84,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- the scheduler test files'
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of (2, 3, 4, 4)-sized tensors: more only adds overhead and
+    contention. Not autouse: a file asks for it with ``pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """One entry (the sample's dtype) per call of ``ops.multistep_update`` (either backend): a
+    drop-in's fused steps."""
+    from fastdiff import ops
+
+    calls, real = [], ops.multistep_update
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "multistep_update", counted)
+    return calls
+
+
+@pytest.fixture
+def op_calls(fused_calls) -> dict[str, int]:
+    """``fused_calls`` counted: ``op_calls["multistep_update"]`` is how many fused steps ran so far."""
+
+    class Counts(dict):
+        def __getitem__(self, name):
+            if name != "multistep_update":
+                raise KeyError(name)
+            return len(fused_calls)
+
+    return Counts()

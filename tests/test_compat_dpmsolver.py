@@ -19,13 +19,10 @@ criterion). The default run holds a grid in which every option value appears; ``
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
 import itertools
 import math
 import pickle
-import sys
 
 import pytest
 import torch
@@ -33,12 +30,13 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
-from fastdiff import ops  # noqa: E402
 from fastdiff.compat import _dpmsolver  # noqa: E402
 from fastdiff.compat._dpmsolver import FastDPMSolverMultistepScheduler  # noqa: E402
+import scheduler_helpers  # noqa: E402
+from scheduler_helpers import (DEVICE, RTOL, device_for, diffusers_in_float64, kernel_option_subset,  # noqa: E402
+                               lambda32, parameters, public_config, relative_error, toy_model)
 
 Stock = diffusers.DPMSolverMultistepScheduler
-RTOL = 1e-5
 ILL_CONDITIONED_RATIO = 8.0
 LOW_PRECISION_RATIO = 2.0
 SHAPE = (2, 3, 4, 4)
@@ -51,53 +49,16 @@ SCHEDULES = (dict(beta_schedule="linear"), dict(beta_schedule="scaled_linear", b
 
 pytestmark = [pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def fused_calls(monkeypatch) -> list:
-    """One entry per call of ``ops.multistep_update`` (either backend): the drop-in's fused steps."""
-    calls, real = [], ops.multistep_update
-
-    def counted(*args, **kwargs):
-        calls.append(args[1].dtype)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "multistep_update", counted)
-    return calls
-
-
-def toy_model(sample: torch.Tensor, t) -> torch.Tensor:
-    """A stand-in for the U-Net: ε̂(x, t) = 0.7·tanh(x) + 0.1·sin(t/100)."""
-    return 0.7 * torch.tanh(sample) + 0.1 * math.sin(float(t) / 100)
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def assert_matches(actual, expected, what="") -> None:
-    scale = expected.abs().nan_to_num(0.0).max().item()
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
-
-
-def relative_error(actual, expected) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+    """NaN where the stock class's sample is NaN passes (the steps left to diffusers' code)."""
+    scheduler_helpers.assert_matches(actual, expected, what, equal_nan=True)
 
 
 # ----------------------------------------------------------------------------- loops
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel runs (the CPU: the interpreter)
-
-
-def device_for(backend: str) -> str:
-    return DEVICE if backend == "triton" else "cpu"
-
-
 def snapshot(scheduler) -> tuple:
     """The diffusers state a step leaves (tensors cloned: the drop-in's entries are views of its slots)."""
     outputs = [None if m is None else m.clone() for m in scheduler.model_outputs]
@@ -147,34 +108,6 @@ def check_same_run(fast, stock, what="") -> float:
                 assert_matches(m, e, f"{what} model_outputs[{k}] after step {i}")
     assert len(fast[0]) == len(stock[0])
     return worst
-
-
-@contextlib.contextmanager
-def stock_in_float64():
-    """The stock class computing in float64: its step casts the sample to float32, so its module sees
-    a ``torch`` whose float32 is float64; the noise is still drawn in float32 (the same numbers)."""
-    module = sys.modules[Stock.__module__]
-    draw = module.randn_tensor
-
-    class Float64Torch:
-        float32 = torch.float64
-
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-    def randn_float32(shape, generator=None, device=None, dtype=None, **kwargs):
-        return draw(shape, generator=generator, device=device, dtype=torch.float32, **kwargs).to(dtype)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "torch", Float64Torch())
-        patch.setattr(module, "randn_tensor", randn_float32)
-        yield
-
-
-def lambda32(scheduler, index) -> float:
-    """diffusers' float32 λ of σ table entry ``index``."""
-    alpha, sigma = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[index])
-    return float(torch.log(alpha) - torch.log(sigma))
 
 
 # ----------------------------------------------------------------------------- the parity grid
@@ -231,24 +164,8 @@ def build_cases(full: bool) -> list[tuple[dict, int]]:
 KERNEL_OPTIONS = ("algorithm_type", "solver_order", "solver_type", "prediction_type", "thresholding")
 
 
-def covering_subset(cases):
-    """Few short cases in which every value of each ``KERNEL_OPTIONS`` option still appears: the interpreter runs."""
-    def values(case):
-        config, steps = case
-        return {(k, repr(config.get(k, defaults[k].default))) for k in KERNEL_OPTIONS}
-
-    defaults = inspect.signature(Stock.__init__).parameters
-
-    missing, chosen = set().union(*map(values, cases)), []
-    while missing:
-        best = max(cases, key=lambda case: (len(values(case) & missing), -case[1]))  # fewest steps on ties
-        chosen.append(best)
-        missing -= values(best)
-    return chosen
-
-
 CASES = build_cases(full=False)
-TRITON_CASES = covering_subset([case for case in CASES if not ill_conditioned(case[0])])
+TRITON_CASES = kernel_option_subset([case for case in CASES if not ill_conditioned(case[0])], KERNEL_OPTIONS, Stock)
 FULL_CASES = [case for case in build_cases(full=True) if case not in CASES]
 
 
@@ -276,7 +193,7 @@ def check_loop(config: dict, steps: int, backend: str, fused_calls: list) -> flo
             assert_matches(x, y, f"{case_id(config, steps)} free-running loop, sample after step {i}")
             worst = max(worst, relative_error(x, y)) if torch.isfinite(y).all() else worst
         return worst
-    with stock_in_float64():
+    with diffusers_in_float64(Stock):
         exact = sample_loop(Stock(**config), steps, seed, dtype=torch.float64, device=device_for(backend))
     ours = max(relative_error(x, e) for x, e in zip(fast[0], exact[0]))
     theirs = max(relative_error(y, e) for y, e in zip(stock[0], exact[0]))
@@ -587,9 +504,6 @@ def test_missing_history_fails_as_in_diffusers(fused_calls):
 
 # ----------------------------------------------------------------------------- diffusers' API
 def test_step_signature_and_outputs_are_diffusers():
-    def parameters(f):
-        return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
-
     assert parameters(FastDPMSolverMultistepScheduler.step) == parameters(Stock.step)
     scheduler = FastDPMSolverMultistepScheduler()
     scheduler.set_timesteps(4)
@@ -609,15 +523,12 @@ def test_config_and_files_are_diffusers(tmp_path):
     fast = FastDPMSolverMultistepScheduler.from_config(stock.config)
     assert isinstance(fast, Stock) and Stock in fast.compatibles and fast.config.algorithm_type == "dpmsolver++"
 
-    def settings(config):
-        return {k: v for k, v in config.items() if not k.startswith("_")}
-
-    assert settings(fast.config) == settings(stock.config)
+    assert public_config(fast.config) == public_config(stock.config)
     fast.save_pretrained(tmp_path / "fast")
-    assert settings(Stock.from_pretrained(tmp_path / "fast").config) == settings(stock.config)
+    assert public_config(Stock.from_pretrained(tmp_path / "fast").config) == public_config(stock.config)
     stock.save_pretrained(tmp_path / "stock")
     reloaded = FastDPMSolverMultistepScheduler.from_pretrained(tmp_path / "stock")
-    assert type(reloaded) is FastDPMSolverMultistepScheduler and settings(reloaded.config) == settings(stock.config)
+    assert type(reloaded) is FastDPMSolverMultistepScheduler and public_config(reloaded.config) == public_config(stock.config)
     euler = diffusers.EulerDiscreteScheduler.from_config(fast.config)  # the other way round too
     assert type(FastDPMSolverMultistepScheduler.from_config(euler.config)) is FastDPMSolverMultistepScheduler
 

@@ -22,81 +22,32 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import itertools
 import logging
-import math
 import pickle
-import sys
-import unittest.mock
 
-import numpy as np
 import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
-from fastdiff import ops  # noqa: E402
 from fastdiff.compat._euler import FAST, FastEulerAncestralDiscreteScheduler, FastEulerDiscreteScheduler  # noqa: E402
+from scheduler_helpers import (RTOL, noise_drawn_in, parameters, public_config, relative_error, toy_model,  # noqa: E402
+                               trained_betas)
 
-RTOL = 1e-5
 SHAPE = (2, 3, 4, 4)
 SL = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's betas
 PAIRS = {"euler": (diffusers.EulerDiscreteScheduler, FastEulerDiscreteScheduler),
          "ancestral": (diffusers.EulerAncestralDiscreteScheduler, FastEulerAncestralDiscreteScheduler)}
+pytestmark = pytest.mark.usefixtures("one_thread")
 CHURNS = {"none": {}, "churn": dict(s_churn=1.0), "window": dict(s_churn=3.0, s_tmin=0.3, s_tmax=6.0, s_noise=1.007)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def op_calls(monkeypatch) -> dict[str, int]:
-    """How many times the drop-ins called the fused op (on either backend)."""
-    calls = {"multistep_update": 0}
-    original = ops.multistep_update
-
-    def counted(*args, **kwargs):
-        calls["multistep_update"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "multistep_update", counted)
-    return calls
 
 
 def assert_matches(actual, expected, what: str = "") -> None:
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=RTOL, atol=RTOL * scale,
                                msg=lambda m: f"{what}: {m}")
-
-
-def relative_error(actual, expected) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
-
-
-def toy_model(sample: torch.Tensor, t) -> torch.Tensor:
-    """A deterministic stand-in for the U-Net: 0.7·tanh(x) + 0.1·sin(t/100)."""
-    return 0.7 * torch.tanh(sample) + 0.1 * math.sin(float(t) / 100)
-
-
-@contextlib.contextmanager
-def noise_drawn_in(kind: str, noise_dtype: torch.dtype):
-    """diffusers draws its noise in the model output's dtype; this makes a run in another dtype draw
-    ``noise_dtype``'s numbers (cast to the run's dtype)."""
-    module = sys.modules[PAIRS[kind][0].__module__]
-    draw = module.randn_tensor
-
-    def drawn(shape, generator=None, device=None, dtype=None, **kwargs):
-        return draw(shape, generator=generator, device=device, dtype=noise_dtype, **kwargs).to(dtype)
-
-    with unittest.mock.patch.object(module, "randn_tensor", drawn):
-        yield
 
 
 @contextlib.contextmanager
@@ -123,23 +74,17 @@ def test_fast_scheduler_is_the_stock_one_for_config_and_files(kind, tmp_path):
     assert isinstance(fast, stock_class) and stock_class in fast.compatibles
     assert set(fast.compatibles) == set(stock.compatibles) and FAST[stock_class] is fast_class
 
-    def settings(config):
-        return {k: v for k, v in config.items() if not k.startswith("_")}
-
-    assert settings(fast.config) == settings(stock.config)
+    assert public_config(fast.config) == public_config(stock.config)
     fast.save_pretrained(tmp_path / "fast")
-    assert settings(stock_class.from_pretrained(tmp_path / "fast").config) == settings(stock.config)
+    assert public_config(stock_class.from_pretrained(tmp_path / "fast").config) == public_config(stock.config)
     stock.save_pretrained(tmp_path / "stock")
     reloaded = fast_class.from_pretrained(tmp_path / "stock")
-    assert type(reloaded) is fast_class and settings(reloaded.config) == settings(stock.config)
+    assert type(reloaded) is fast_class and public_config(reloaded.config) == public_config(stock.config)
 
 
 @pytest.mark.parametrize("kind", PAIRS)
 def test_signatures_are_diffusers(kind):
     stock_class, fast_class = PAIRS[kind]
-
-    def parameters(function):
-        return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
 
     for name in ("step", "set_timesteps", "scale_model_input", "add_noise", "index_for_timestep"):
         assert parameters(getattr(fast_class, name)) == parameters(getattr(stock_class, name)), name
@@ -162,12 +107,6 @@ class Case:
                          if k not in ("beta_start", "beta_end", "trained_betas"))
         extras = ["trained"] * ("trained_betas" in self.config) + ["gen_list"] * self.generator_list
         return "-".join([self.kind, named or "default", f"n{self.steps}", self.churn, *extras])
-
-
-def trained_betas(num_train_timesteps: int) -> list[float]:
-    rng = np.random.default_rng(num_train_timesteps)
-    betas = np.linspace(1e-4, 0.03, num_train_timesteps) * rng.uniform(0.5, 1.5, num_train_timesteps)
-    return np.minimum(betas, 0.5).astype(np.float32).tolist()
 
 
 FAMILIES = {"none": {}, "karras": dict(use_karras_sigmas=True), "exponential": dict(use_exponential_sigmas=True),
@@ -249,7 +188,7 @@ def check_loop(case: Case, backend: str, op_calls: dict) -> None:
     with fastdiff.use_backend(backend):
         ours = sample_loop(fast, case)
     theirs = sample_loop(stock, case)
-    with noise_drawn_in(case.kind, torch.float32):
+    with noise_drawn_in(PAIRS[case.kind][0], torch.float32):
         exact = sample_loop(stock_class(**case.config), case, float64=True)
     assert op_calls["multistep_update"] == len(stock.timesteps)  # every step fused: no fallback
     assert [s[2] for s in ours] == [s[2] for s in theirs] == list(range(1, len(stock.timesteps) + 1))
@@ -314,7 +253,7 @@ def test_few_steps_from_a_large_sigma_the_drop_in_is_closer_to_diffusers_float64
                               timestep_spacing="trailing"), 2)
     mine = sample_loop(FastEulerDiscreteScheduler(**case.config), case)[-1][0]
     rounded = sample_loop(diffusers.EulerDiscreteScheduler(**case.config), case)[-1][0]
-    with noise_drawn_in("euler", torch.float32):
+    with noise_drawn_in(PAIRS["euler"][0], torch.float32):
         exact = sample_loop(diffusers.EulerDiscreteScheduler(**case.config), case, float64=True)[-1][0]
     assert relative_error(mine, exact) < RTOL / 10 and relative_error(rounded, exact) > RTOL
     assert op_calls["multistep_update"] == 2
@@ -498,7 +437,7 @@ def test_low_precision_on_the_kernel(dtype, kind, config, churn, op_calls, launc
     worst = 0.0
     for t in reference.timesteps:
         model_output = torch.randn(SHAPE, generator=generator).to(dtype)
-        with noise_drawn_in(kind, dtype):  # the float32 reference gets the dtype's noise, as the drop-in draws it
+        with noise_drawn_in(PAIRS[kind][0], dtype):  # the float32 reference gets the dtype's noise, as the drop-in draws it
             reference.scale_model_input(sample.float(), t)
             expected = reference.step(model_output.float(), t, sample.float(),
                                       generator=torch.Generator().manual_seed(int(t)), **kwargs)

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import itertools
-import math
 import pickle
 
 import numpy as np
@@ -32,64 +30,26 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
-from fastdiff import ops  # noqa: E402
 from fastdiff.compat._pndm import FAST, FastPNDMScheduler  # noqa: E402
+import scheduler_helpers  # noqa: E402
+from scheduler_helpers import (RTOL, conditioning, parameters, pndm_in_float64, public_config,  # noqa: E402
+                               toy_model, trained_betas)
 
-RTOL = 1e-5
 KAPPA_MAX = 10.0
 SHAPE = (2, 3, 4, 4)
 SL = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's betas
+pytestmark = pytest.mark.usefixtures("one_thread")
 SD15 = dict(**SL, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def op_calls(monkeypatch) -> dict[str, int]:
-    """How many times the drop-in called the fused op (on either backend)."""
-    calls = {"multistep_update": 0}
-    original = ops.multistep_update
-
-    def counted(*args, **kwargs):
-        calls["multistep_update"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "multistep_update", counted)
-    return calls
-
-
-def assert_matches(actual, expected, what: str = "") -> None:
-    expected = expected.to(actual.dtype)
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what}: {m}")
-
-
-def toy_model(sample: torch.Tensor, t) -> torch.Tensor:
-    """A deterministic stand-in for the U-Net: ε̂(x, t) = 0.7·tanh(x) + 0.1·sin(t/100)."""
-    return 0.7 * torch.tanh(sample) + 0.1 * math.sin(float(t) / 100)
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Equal to 1e-5 relative to the scale (max |expected|, once cast to ``actual``'s dtype)."""
+    scheduler_helpers.assert_matches(actual, expected, what, cast=True)
 
 
 def float64_twin(config: dict):
     """diffusers' scheduler computing in float64 from its float32 ᾱ table (the exact result of its algorithm)."""
-    twin = diffusers.PNDMScheduler(**config)
-    twin.alphas_cumprod = twin.alphas_cumprod.double()
-    twin.final_alpha_cumprod = twin.final_alpha_cumprod.double()
-    return twin
-
-
-def conditioning(scheduler) -> float:
-    """κ = max √(ᾱ_prev/ᾱ_t) over the run: how much diffusers' float32 rounding is amplified."""
-    alphas = scheduler.alphas_cumprod.double()
-    ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    final = float(scheduler.final_alpha_cumprod)
-    return max(math.sqrt((float(alphas[t - ratio]) if t >= ratio else final) / float(alphas[t]))
-               for t in scheduler.timesteps.tolist())
+    return pndm_in_float64(diffusers.PNDMScheduler(**config))
 
 
 def state(scheduler) -> dict:
@@ -136,21 +96,15 @@ def test_fast_scheduler_is_the_stock_one_for_config_and_files(tmp_path):
     assert isinstance(fast, diffusers.PNDMScheduler) and diffusers.PNDMScheduler in fast.compatibles
     assert set(fast.compatibles) == set(stock.compatibles) and FAST == {diffusers.PNDMScheduler: FastPNDMScheduler}
 
-    def settings(config):
-        return {k: v for k, v in config.items() if not k.startswith("_")}
-
-    assert settings(fast.config) == settings(stock.config)
+    assert public_config(fast.config) == public_config(stock.config)
     fast.save_pretrained(tmp_path / "fast")
-    assert settings(diffusers.PNDMScheduler.from_pretrained(tmp_path / "fast").config) == settings(stock.config)
+    assert public_config(diffusers.PNDMScheduler.from_pretrained(tmp_path / "fast").config) == public_config(stock.config)
     stock.save_pretrained(tmp_path / "stock")
     reloaded = FastPNDMScheduler.from_pretrained(tmp_path / "stock")
-    assert type(reloaded) is FastPNDMScheduler and settings(reloaded.config) == settings(stock.config)
+    assert type(reloaded) is FastPNDMScheduler and public_config(reloaded.config) == public_config(stock.config)
 
 
 def test_signatures_are_diffusers():
-    def parameters(function):
-        return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
-
     for name in ("step", "step_prk", "step_plms", "set_timesteps", "scale_model_input", "add_noise"):
         assert parameters(getattr(FastPNDMScheduler, name)) == parameters(getattr(diffusers.PNDMScheduler, name)), name
     assert FastPNDMScheduler.step is diffusers.PNDMScheduler.step  # diffusers' dispatch by counter, unchanged
@@ -169,12 +123,6 @@ class Case:
                  cfg.get("prediction_type", "epsilon"), cfg.get("timestep_spacing", "leading"), f"n{self.steps}"]
         parts += [f"{k}={cfg[k]}" for k in ("set_alpha_to_one", "steps_offset", "num_train_timesteps") if k in cfg]
         return "-".join(map(str, parts + (["trained"] if "trained_betas" in cfg else [])))
-
-
-def trained_betas(num_train_timesteps: int) -> list[float]:
-    rng = np.random.default_rng(num_train_timesteps)
-    betas = np.linspace(1e-4, 0.03, num_train_timesteps) * rng.uniform(0.5, 1.5, num_train_timesteps)
-    return np.minimum(betas, 0.5).astype(np.float32).tolist()
 
 
 def build_cases(full: bool) -> list[Case]:

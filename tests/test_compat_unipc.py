@@ -18,9 +18,7 @@ class in float32 at most LOW_PRECISION_RATIO times the stock class's own error i
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
-import math
 import pickle
 
 import pytest
@@ -29,13 +27,14 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
-from fastdiff import ops  # noqa: E402
 from fastdiff.compat import _unipc  # noqa: E402
 from fastdiff.compat._dpmsolver import slot_mirror  # noqa: E402
 from fastdiff.compat._unipc import FastUniPCMultistepScheduler  # noqa: E402
+import scheduler_helpers  # noqa: E402
+from scheduler_helpers import (RTOL, device_for, kernel_option_subset,  # noqa: E402
+                               lambda32, parameters, public_config, relative_error, toy_model)
 
 Stock = diffusers.UniPCMultistepScheduler
-RTOL = 1e-5
 ILL_CONDITIONED_RATIO = 8.0
 LOW_PRECISION_RATIO = 2.0
 SHAPE = (2, 3, 4, 4)
@@ -47,53 +46,16 @@ DISABLED = ([], [0], [1, 3])
 INTERPRETED = not torch.cuda.is_available()
 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def fused_calls(monkeypatch) -> list:
-    """One entry per call of ``ops.multistep_update`` (either backend): the drop-in's fused steps."""
-    calls, real = [], ops.multistep_update
-
-    def counted(*args, **kwargs):
-        calls.append(args[1].dtype)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "multistep_update", counted)
-    return calls
-
-
-def toy_model(sample: torch.Tensor, t) -> torch.Tensor:
-    """A stand-in for the U-Net: ε̂(x, t) = 0.7·tanh(x) + 0.1·sin(t/100)."""
-    return 0.7 * torch.tanh(sample) + 0.1 * math.sin(float(t) / 100)
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def assert_matches(actual, expected, what="") -> None:
-    scale = expected.abs().nan_to_num(0.0).max().item()
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
-
-
-def relative_error(actual, expected) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+    """NaN where the stock class's sample is NaN passes (the steps left to diffusers' code)."""
+    scheduler_helpers.assert_matches(actual, expected, what, equal_nan=True)
 
 
 # ----------------------------------------------------------------------------- loops
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel runs (the CPU: the interpreter)
-
-
-def device_for(backend: str) -> str:
-    return DEVICE if backend == "triton" else "cpu"
-
-
 def snapshot(scheduler) -> tuple:
     """The diffusers state a step leaves (tensors cloned: the drop-in's are views of its slots)."""
     def cloned(x):
@@ -144,11 +106,6 @@ def check_same_run(fast, stock, what="") -> float:
                 assert m.dtype == e.dtype
                 assert_matches(m, e, f"{what} {name} after step {i}")
     return worst
-
-
-def lambda32(scheduler, index) -> float:
-    alpha, sigma = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[index])
-    return float(torch.log(alpha) - torch.log(sigma))
 
 
 def stock_fallbacks(stock) -> int:
@@ -205,24 +162,8 @@ KERNEL_OPTIONS = ("solver_type", "predict_x0", "solver_order", "prediction_type"
                  "disable_corrector")
 
 
-def covering_subset(cases):
-    """Few short cases in which every value of each ``KERNEL_OPTIONS`` option still appears: the interpreter runs."""
-    def values(case):
-        config, steps = case
-        return {(k, repr(config.get(k, defaults[k].default))) for k in KERNEL_OPTIONS}
-
-    defaults = inspect.signature(Stock.__init__).parameters
-
-    missing, chosen = set().union(*map(values, cases)), []
-    while missing:
-        best = max(cases, key=lambda case: (len(values(case) & missing), -case[1]))  # fewest steps on ties
-        chosen.append(best)
-        missing -= values(best)
-    return chosen
-
-
 CASES = build_cases(full=False)
-TRITON_CASES = covering_subset([case for case in CASES if not ill_conditioned(case[0])])
+TRITON_CASES = kernel_option_subset([case for case in CASES if not ill_conditioned(case[0])], KERNEL_OPTIONS, Stock)
 FULL_CASES = [case for case in build_cases(full=True) if case not in CASES]
 
 
@@ -498,9 +439,6 @@ def test_missing_history_fails_as_in_diffusers(fused_calls):
 
 # ----------------------------------------------------------------------------- diffusers' API
 def test_step_signature_and_outputs_are_diffusers():
-    def parameters(f):
-        return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
-
     assert parameters(FastUniPCMultistepScheduler.step) == parameters(Stock.step)
     scheduler = FastUniPCMultistepScheduler()
     scheduler.set_timesteps(4)
@@ -520,14 +458,11 @@ def test_config_and_files_are_diffusers(tmp_path):
     fast = FastUniPCMultistepScheduler.from_config(stock.config)
     assert isinstance(fast, Stock) and Stock in fast.compatibles and fast.config.solver_type == "bh2"
 
-    def settings(config):
-        return {k: v for k, v in config.items() if not k.startswith("_")}
-
-    assert settings(fast.config) == settings(stock.config)
+    assert public_config(fast.config) == public_config(stock.config)
     fast.save_pretrained(tmp_path / "fast")
-    assert settings(Stock.from_pretrained(tmp_path / "fast").config) == settings(stock.config)
+    assert public_config(Stock.from_pretrained(tmp_path / "fast").config) == public_config(stock.config)
     stock.save_pretrained(tmp_path / "stock")
     reloaded = FastUniPCMultistepScheduler.from_pretrained(tmp_path / "stock")
-    assert type(reloaded) is FastUniPCMultistepScheduler and settings(reloaded.config) == settings(stock.config)
+    assert type(reloaded) is FastUniPCMultistepScheduler and public_config(reloaded.config) == public_config(stock.config)
     dpm = diffusers.DPMSolverMultistepScheduler.from_config(fast.config)  # cross-loading, as pipelines do
     assert type(FastUniPCMultistepScheduler.from_config(dpm.config)) is FastUniPCMultistepScheduler

@@ -19,15 +19,12 @@ ILL_CONDITIONED_RATIO times diffusers' own float32 error, or 1e-5 (the flash-att
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
 import math
-import sys
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -35,10 +32,11 @@ import fastdiff
 from fastdiff.schedulers import linear
 from fastdiff.schedulers.dpmsolver import DPMSolverMultistepScheduler, dpm_order, dpm_solver_step, model_differences
 from fastdiff.schedulers.schedule import randn_tensor
+from scheduler_helpers import (RTOL, assert_matches, covering_subset, diffusers_in_float64, relative_error,
+                               schedule_config, scheduler_pair, sigmoid_as_trained_betas, toy_model, trained_betas)
 
 diffusers = pytest.importorskip("diffusers")
 
-RTOL = 1e-5
 ILL_CONDITIONED_RATIO = 8.0
 SHAPE = (2, 3, 4, 4)  # (B, C, H, W)
 BACKENDS = ["torch", "triton"]
@@ -53,34 +51,18 @@ THRESHOLDS = (dict(thresholding=True, dynamic_thresholding_ratio=0.995, sample_m
               dict(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=1.5))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # "dpmsolver" and "sde-dpmsolver" warn (FutureWarning) as diffusers' deprecated types do
 # (and diffusers 0.42's np.array(tensor) warns under numpy 2)
-pytestmark = [pytest.mark.filterwarnings("ignore:algorithm_type=:FutureWarning"),
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:algorithm_type=:FutureWarning"),
               pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
 
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what}: {m}")
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
-
-
-def toy_model(sample: torch.Tensor, t, variance_type: str | None = None) -> torch.Tensor:
+def model_with_variance(sample: torch.Tensor, t, variance_type: str | None = None) -> torch.Tensor:
     """A deterministic stand-in for the U-Net: ε̂(x, t) = 0.7·tanh(x) + 0.1·sin(t/100); a learned
     variance type gets a second half of channels (not used by the solver)."""
-    mean = 0.7 * torch.tanh(sample) + 0.1 * math.sin(float(t) / 100)
+    mean = toy_model(sample, t)
     if variance_type in ("learned", "learned_range"):
         return torch.cat([mean, torch.tanh(0.5 * sample)], dim=1)
     return mean
@@ -110,17 +92,6 @@ class Case:
         if cfg.get("trained_betas") is not None:
             parts.append("trained")
         return "-".join(str(p) for p in parts)
-
-
-def schedule_config(name: str) -> dict:
-    beta_start, beta_end = SCHEDULES[name]
-    return dict(beta_schedule=name, beta_start=beta_start, beta_end=beta_end)
-
-
-def trained_betas(num_train_timesteps: int) -> list[float]:
-    rng = np.random.default_rng(num_train_timesteps)
-    betas = np.linspace(1e-4, 0.03, num_train_timesteps) * rng.uniform(0.5, 1.5, num_train_timesteps)
-    return np.minimum(betas, 0.5).astype(np.float32).tolist()
 
 
 def valid(config: dict) -> bool:
@@ -203,44 +174,22 @@ def option_values(case: Case) -> dict:
     return config
 
 
-def covering_subset(cases: list[Case]) -> list[Case]:
-    """Few cases in which every (option, value) of ``cases`` still appears (greedy set cover): the
-    'triton' runs, ~0.1 s a step through the interpreter."""
-    wanted = [{(k, repr(v)) for k, v in option_values(case).items()} | {("long", case.steps >= 15)}
-              for case in cases]
-    missing, chosen = set().union(*wanted), []
-    while missing:
-        best = max(range(len(cases)), key=lambda i: (len(wanted[i] & missing), -cases[i].steps))
-        chosen.append(cases[best])
-        missing -= wanted[best]
-    return sorted(chosen, key=cases.index)
-
-
 with warnings.catch_warnings():  # collection builds schedulers of the deprecated types too
     warnings.simplefilter("ignore", FutureWarning)
     CASES = build_cases(full=False)
-    TRITON_CASES = covering_subset(CASES)
+    TRITON_CASES = covering_subset(CASES, option_values)
     FULL_CASES = [case for case in build_cases(full=True) if case.id not in {c.id for c in CASES}]
 RUNS = [(case, "torch") for case in CASES] + [(case, "triton") for case in TRITON_CASES]
 
 
 def diffusers_config(config: dict) -> dict:
     """diffusers' DPM-Solver rejects beta_schedule="sigmoid": give it diffusers DDPM's sigmoid betas."""
-    config = dict(config)
-    if config.get("beta_schedule") == "sigmoid" and config.get("trained_betas") is None:
-        ddpm = diffusers.DDPMScheduler(beta_schedule="sigmoid", beta_start=config["beta_start"],
-                                       beta_end=config["beta_end"], num_train_timesteps=config.get("num_train_timesteps", 1000))
-        config["trained_betas"] = ddpm.betas.tolist()
-    return config
+    return sigmoid_as_trained_betas(config, diffusers.DDPMScheduler)
 
 
 def pair(config: dict, steps: int | None = None):
-    ours = DPMSolverMultistepScheduler(**config)
-    theirs = diffusers.DPMSolverMultistepScheduler(**diffusers_config(config))
-    if steps is not None:
-        ours.set_timesteps(steps)
-        theirs.set_timesteps(steps)
-    return ours, theirs
+    return scheduler_pair(DPMSolverMultistepScheduler, diffusers.DPMSolverMultistepScheduler, config,
+                          diffusers_config(config), steps)
 
 
 def sample_loop(scheduler, steps: int, seed: int, variance_type=None, backend: str = "torch",
@@ -254,7 +203,7 @@ def sample_loop(scheduler, steps: int, seed: int, variance_type=None, backend: s
     samples = []
     with fastdiff.use_backend(backend):
         for t in scheduler.timesteps:
-            sample = scheduler.step(toy_model(sample, t, variance_type), t, sample, generator=generator).prev_sample
+            sample = scheduler.step(model_with_variance(sample, t, variance_type), t, sample, generator=generator).prev_sample
             samples.append(sample)
     return samples
 
@@ -266,28 +215,6 @@ def ill_conditioned(config: dict) -> bool:
         config.get("prediction_type", "epsilon") != "epsilon" or config.get("thresholding", False))
 
 
-@contextlib.contextmanager
-def diffusers_in_float64():
-    """diffusers' DPM-Solver computing in float64: its step casts the sample to float32, so its module
-    sees a ``torch`` whose float32 is float64; the noise is still drawn in float32 (the same numbers)."""
-    module = sys.modules[diffusers.DPMSolverMultistepScheduler.__module__]
-    draw = module.randn_tensor
-
-    class Float64Torch:
-        float32 = torch.float64
-
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-    def randn_float32(shape, generator=None, device=None, dtype=None, **kwargs):
-        return draw(shape, generator=generator, device=device, dtype=torch.float32, **kwargs).to(dtype)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "torch", Float64Torch())
-        patch.setattr(module, "randn_tensor", randn_float32)
-        yield
-
-
 def check_loop(case: Case, backend: str) -> float:
     ours, theirs = pair(case.config)
     variance_type = case.config.get("variance_type")
@@ -297,7 +224,7 @@ def check_loop(case: Case, backend: str) -> float:
     assert torch.equal(ours.timesteps, theirs.timesteps[:n])
     assert len(theirs.timesteps) == n or theirs.timesteps[n:].tolist() == [-1]  # diffusers' invalid trailing −1
     if ill_conditioned(case.config):
-        with diffusers_in_float64():
+        with diffusers_in_float64(diffusers.DPMSolverMultistepScheduler):
             exact = sample_loop(pair(case.config)[1], case.steps, case.seed, variance_type, dtype=torch.float64)
         assert exact[-1].dtype == torch.float64
         ours_error = max(relative_error(x, e) for x, e in zip(samples, exact))
@@ -517,7 +444,7 @@ def run_tables(scheduler, timesteps, sample, generator, backend, variance_type=N
     with fastdiff.use_backend(backend):
         for i, t in enumerate(tables.host_timesteps):
             noise = randn_tensor(SHAPE, generator=generator, dtype=torch.float32) if tables.noisy[i] else None
-            sample, _ = scheduler._update(toy_model(sample, t, variance_type), sample, tables.rows[i], noise, slots)
+            sample, _ = scheduler._update(model_with_variance(sample, t, variance_type), sample, tables.rows[i], noise, slots)
             samples.append(sample)
     return tables, samples
 
@@ -540,7 +467,7 @@ def test_step_tables_reproduce_step_exactly(config, backend):
     generator, sample = torch.Generator().manual_seed(2), start
     with fastdiff.use_backend(backend):
         for t, expected in zip(scheduler.timesteps, from_tables):
-            sample = scheduler.step(toy_model(sample, t, variance_type), t, sample, generator=generator).prev_sample
+            sample = scheduler.step(model_with_variance(sample, t, variance_type), t, sample, generator=generator).prev_sample
             assert torch.equal(sample, expected)
 
 

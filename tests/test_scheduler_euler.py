@@ -18,13 +18,10 @@ run is within RTOL/2 of its float64 self; elsewhere closer to the float64 run th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
 import math
-import sys
-import unittest.mock
 
 import numpy as np
 import pytest
@@ -35,16 +32,18 @@ from fastdiff.schedulers import schedule
 from fastdiff.schedulers.euler import EulerDiscreteScheduler, euler_step
 from fastdiff.schedulers.linear import INPUT_SCALE, slot_buffers
 from fastdiff.sampling_loop import SamplingLoop
+from scheduler_helpers import (RTOL, assert_matches, noise_drawn_in, own_betas_as_trained, relative_error,
+                               schedule_config, toy_model, trained_betas)
 
 diffusers = pytest.importorskip("diffusers")
 
-RTOL = 1e-5
 SHAPE = (2, 3, 4, 4)  # (B, C, H, W)
 BACKENDS = ["torch", "triton"]
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("linspace", "leading", "trailing")
 FAMILIES = {"none": {}, "karras": dict(use_karras_sigmas=True), "exponential": dict(use_exponential_sigmas=True),
             "beta": dict(use_beta_sigmas=True)}
+pytestmark = pytest.mark.usefixtures("one_thread")
 SCHEDULES = {  # beta_schedule -> (beta_start, beta_end)
     "linear": (0.0001, 0.02),
     "scaled_linear": (0.00085, 0.012),  # Stable Diffusion's: σ_max ≈ 14.6
@@ -58,44 +57,9 @@ CHURNS = {  # step keywords
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """(2, 3, 4, 4) tensors: intra-op threads only add overhead and contention here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Equal to 1e-5 relative to the scale (max |expected|) of the tensor."""
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what}: {m}")
-
-
-def toy_model(sample: torch.Tensor, t) -> torch.Tensor:
-    """A deterministic stand-in for the U-Net: 0.7·tanh(x) + 0.1·sin(t/100)."""
-    return 0.7 * torch.tanh(sample) + 0.1 * math.sin(float(t) / 100)
-
-
-def schedule_config(name: str) -> dict:
-    beta_start, beta_end = SCHEDULES[name]
-    return dict(beta_schedule=name, beta_start=beta_start, beta_end=beta_end)
-
-
 def diffusers_twin(config: dict):
     """diffusers' scheduler for ``config``; betas it has no schedule for arrive as trained_betas."""
-    config = dict(config)
-    if config.get("beta_schedule") in ("sigmoid", "laplace") and config.get("trained_betas") is None:
-        config["trained_betas"] = EulerDiscreteScheduler(**config).betas.tolist()
-        config["beta_schedule"] = "linear"
-    return diffusers.EulerDiscreteScheduler(**config)
-
-
-def trained_betas(num_train_timesteps: int) -> list[float]:
-    rng = np.random.default_rng(num_train_timesteps)
-    betas = np.linspace(1e-4, 0.03, num_train_timesteps) * rng.uniform(0.5, 1.5, num_train_timesteps)
-    return np.minimum(betas, 0.5).astype(np.float32).tolist()
+    return diffusers.EulerDiscreteScheduler(**own_betas_as_trained(config, EulerDiscreteScheduler))
 
 
 # ----------------------------------------------------------------------------- the parity grid
@@ -190,26 +154,9 @@ def sample_loop(scheduler, case: Case, float64: bool = False):
     return sample, pred_x0
 
 
-@contextlib.contextmanager
-def float32_noise():
-    """diffusers draws churn noise in the model output's dtype: its float64 run draws the float32 run's numbers."""
-    module = sys.modules[diffusers.EulerDiscreteScheduler.__module__]
-    draw = module.randn_tensor
-
-    def drawn_in_float32(shape, generator=None, device=None, dtype=None, **kwargs):
-        return draw(shape, generator=generator, device=device, dtype=torch.float32, **kwargs).to(dtype)
-
-    with unittest.mock.patch.object(module, "randn_tensor", drawn_in_float32):
-        yield
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
-
-
 def diffusers_float64_loop(config: dict, case: Case):
     """diffusers' own step equations evaluated in float64, on the float32 run's noise."""
-    with float32_noise():
+    with noise_drawn_in(diffusers.EulerDiscreteScheduler):
         return sample_loop(diffusers_twin(config), case, float64=True)
 
 

@@ -14,13 +14,10 @@ cancels ~eps·|x|), fastdiff must be the closer of the two (see test_scheduler_e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
 import math
-import sys
-import unittest.mock
 
 import numpy as np
 import pytest
@@ -33,14 +30,16 @@ from fastdiff.schedulers.euler_ancestral import (EulerAncestralDiscreteScheduler
                                                  euler_ancestral_step)
 from fastdiff.schedulers.linear import INPUT_SCALE, slot_buffers
 from fastdiff.sampling_loop import SamplingLoop
+from scheduler_helpers import (RTOL, assert_matches, noise_drawn_in, own_betas_as_trained, relative_error,
+                               schedule_config, toy_model, trained_betas)
 
 diffusers = pytest.importorskip("diffusers")
 
-RTOL = 1e-5
 SHAPE = (2, 3, 4, 4)  # (B, C, H, W)
 BACKENDS = ["torch", "triton"]
 PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' Euler-a has no 'sample' (fastdiff's: see below)
 SPACINGS = ("linspace", "leading", "trailing")
+pytestmark = pytest.mark.usefixtures("one_thread")
 SCHEDULES = {  # beta_schedule -> (beta_start, beta_end)
     "linear": (0.0001, 0.02),
     "scaled_linear": (0.00085, 0.012),
@@ -49,46 +48,8 @@ SCHEDULES = {  # beta_schedule -> (beta_start, beta_end)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Equal to 1e-5 relative to the scale (max |expected|) of the tensor."""
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what}: {m}")
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
-
-
-def toy_model(sample: torch.Tensor, t) -> torch.Tensor:
-    """A deterministic stand-in for the U-Net: 0.7·tanh(x) + 0.1·sin(t/100)."""
-    return 0.7 * torch.tanh(sample) + 0.1 * math.sin(float(t) / 100)
-
-
-def schedule_config(name: str) -> dict:
-    beta_start, beta_end = SCHEDULES[name]
-    return dict(beta_schedule=name, beta_start=beta_start, beta_end=beta_end)
-
-
 def diffusers_twin(config: dict):
-    config = dict(config)
-    if config.get("beta_schedule") in ("sigmoid", "laplace") and config.get("trained_betas") is None:
-        config["trained_betas"] = EulerAncestralDiscreteScheduler(**config).betas.tolist()
-        config["beta_schedule"] = "linear"
-    return diffusers.EulerAncestralDiscreteScheduler(**config)
-
-
-def trained_betas(num_train_timesteps: int) -> list[float]:
-    rng = np.random.default_rng(num_train_timesteps)
-    betas = np.linspace(1e-4, 0.03, num_train_timesteps) * rng.uniform(0.5, 1.5, num_train_timesteps)
-    return np.minimum(betas, 0.5).astype(np.float32).tolist()
+    return diffusers.EulerAncestralDiscreteScheduler(**own_betas_as_trained(config, EulerAncestralDiscreteScheduler))
 
 
 # ----------------------------------------------------------------------------- the parity grid
@@ -171,19 +132,6 @@ def sample_loop(scheduler, case: Case, float64: bool = False, model=None):
     return sample, pred_x0
 
 
-@contextlib.contextmanager
-def float32_noise():
-    """diffusers draws the step noise in the model output's dtype: its float64 run draws the float32 run's numbers."""
-    module = sys.modules[diffusers.EulerAncestralDiscreteScheduler.__module__]
-    draw = module.randn_tensor
-
-    def drawn_in_float32(shape, generator=None, device=None, dtype=None, **kwargs):
-        return draw(shape, generator=generator, device=device, dtype=torch.float32, **kwargs).to(dtype)
-
-    with unittest.mock.patch.object(module, "randn_tensor", drawn_in_float32):
-        yield
-
-
 def check_loop(case: Case, backend: str) -> tuple[float, float, float]:
     """fastdiff (``backend``) against diffusers' float32 run and its equations in float64 (the rule
     of the module docstring). Returns (error vs diffusers fp32, vs its float64 run, diffusers' own
@@ -192,7 +140,7 @@ def check_loop(case: Case, backend: str) -> tuple[float, float, float]:
     with fastdiff.use_backend(backend):
         ours_run = sample_loop(ours, case)
     theirs_run = sample_loop(theirs, case)
-    with float32_noise():
+    with noise_drawn_in(diffusers.EulerAncestralDiscreteScheduler):
         exact_run = sample_loop(diffusers_twin(case.config), case, float64=True)
     assert torch.equal(ours.timesteps, theirs.timesteps.float())
     assert len(ours_run[1]) == len(theirs_run[1]) == len(ours.timesteps)
@@ -273,7 +221,7 @@ def test_few_step_v_prediction_matches_diffusers_equations_in_float64(config, st
     case = Case(config, steps=steps, seed=1)
     sample, _ = sample_loop(EulerAncestralDiscreteScheduler(**config), case)
     float32_sample, _ = sample_loop(diffusers.EulerAncestralDiscreteScheduler(**config), case)
-    with float32_noise():
+    with noise_drawn_in(diffusers.EulerAncestralDiscreteScheduler):
         exact, _ = sample_loop(diffusers.EulerAncestralDiscreteScheduler(**config), case, float64=True)
     assert_matches(sample.double(), exact, "fastdiff vs diffusers' equations in float64")
     assert relative_error(sample, exact) < RTOL / 10 and relative_error(float32_sample, exact) > RTOL

@@ -34,11 +34,12 @@ from fastdiff.reference import ROW_SIZE
 from fastdiff.schedulers.linear import LinearPlan, slot_buffers
 from fastdiff.schedulers.pndm import (PLMS_WEIGHTS, PRK_WEIGHTS, PNDMScheduler, PNDMSchedulerOutput, plms_second_stage,
                                       plms_step, pndm_step, pndm_transfer, prk_stage)
+import scheduler_helpers
+from scheduler_helpers import conditioning, pndm_in_float64, relative_error, schedule_config, toy_model, trained_betas
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers.scheduling_pndm import betas_for_alpha_bar  # noqa: E402
 
-RTOL = 1e-5
 KAPPA_MAX = 10.0  # diffusers' float32 rounding ≈ κ·2^-24·(a few): ≤ 3e-6 observed below this
 SHAPE = (2, 3, 4, 4)  # (B, C, H, W)
 BACKENDS = ("torch", "triton")
@@ -55,43 +56,12 @@ SD15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linea
         "set_alpha_to_one": False, "steps_offset": 1, "num_train_timesteps": 1000, "trained_betas": None,
         "clip_sample": False}
 full_grid = pytest.mark.full_grid
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """(2, 3, 4, 4) tensors: intra-op threads only add overhead and contention here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Equal to 1e-5 relative to the scale (max |expected|) of the tensor."""
-    expected = expected.to(actual.dtype)
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what}: {m}")
-
-
-def toy_model(sample: torch.Tensor, t) -> torch.Tensor:
-    """A deterministic stand-in for the U-Net: ε̂(x, t) = 0.7·tanh(x) + 0.1·sin(t/100)."""
-    return 0.7 * torch.tanh(sample) + 0.1 * math.sin(float(t) / 100)
-
-
-def trained_betas(num_train_timesteps: int) -> list[float]:
-    """An irregular but valid β table, as a model trained with its own schedule would carry."""
-    rng = np.random.default_rng(num_train_timesteps)
-    betas = np.linspace(1e-4, 0.03, num_train_timesteps) * rng.uniform(0.5, 1.5, num_train_timesteps)
-    return np.minimum(betas, 0.5).astype(np.float32).tolist()
-
-
-def schedule_config(name: str) -> dict:
-    beta_start, beta_end = SCHEDULES[name]
-    return dict(beta_schedule=name, beta_start=beta_start, beta_end=beta_end)
+    """Equal to 1e-5 relative to the scale (max |expected|, once cast to ``actual``'s dtype)."""
+    scheduler_helpers.assert_matches(actual, expected, what, cast=True)
 
 
 def diffusers_twin(config: dict):
@@ -111,10 +81,7 @@ def diffusers_twin(config: dict):
 
 def float64_twin(config: dict):
     """diffusers' scheduler computing in float64 from its float32 ᾱ table: the exact result of its algorithm."""
-    twin = diffusers_twin(config)
-    twin.alphas_cumprod = twin.alphas_cumprod.double()
-    twin.final_alpha_cumprod = twin.final_alpha_cumprod.double()
-    return twin
+    return pndm_in_float64(diffusers_twin(config))
 
 
 def sample_loop(scheduler, steps: int, dtype=torch.float32, seed: int = 0, start: int = 0) -> list[torch.Tensor]:
@@ -128,16 +95,6 @@ def sample_loop(scheduler, steps: int, dtype=torch.float32, seed: int = 0, start
         sample = scheduler.step(toy_model(scheduler.scale_model_input(sample, t), t), t, sample).prev_sample
         trajectory.append(sample)
     return trajectory
-
-
-def conditioning(scheduler) -> float:
-    """κ = max √(ᾱ_prev/ᾱ_t) over diffusers' steps (prev at most T//n below t): how far the
-    rounding of diffusers' √(ᾱ_prev/ᾱ_t)·x_t term is amplified by the cancellation after it."""
-    alphas = scheduler.alphas_cumprod.double()
-    ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    final = float(scheduler.final_alpha_cumprod)
-    return max(math.sqrt((float(alphas[t - ratio]) if t >= ratio else final) / float(alphas[t]))
-               for t in scheduler.timesteps.tolist())
 
 
 # ----------------------------------------------------------------------------- the parity grid

@@ -37,12 +37,14 @@ import fastdiff
 from fastdiff.schedulers import linear
 from fastdiff.schedulers.dpmsolver import DPMSolverMultistepScheduler
 from fastdiff.schedulers.unipc import UniPCMultistepScheduler, uni_rhos, unipc_order
+from scheduler_helpers import (RTOL, assert_matches, covering_subset, relative_error, schedule_config,
+                               scheduler_pair, sigmoid_as_trained_betas, toy_model, trained_betas)
 
 diffusers = pytest.importorskip("diffusers")
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers, numpy 2
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]  # diffusers, numpy 2
 
-RTOL = 1e-5
 ILL_CONDITIONED_RATIO = 8.0
 SHAPE = (2, 3, 4, 4)  # (B, C, H, W)
 BACKENDS = ["torch", "triton"]
@@ -54,28 +56,6 @@ SCHEDULES = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012), "squar
              "sigmoid": (0.0002, 0.03)}
 THRESHOLDS = (dict(thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=2.5),
               dict(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=1.5))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what}: {m}")
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
-
-
-def toy_model(sample: torch.Tensor, t) -> torch.Tensor:
-    """A deterministic stand-in for the U-Net: 0.7·tanh(x) + 0.1·sin(t/100)."""
-    return 0.7 * torch.tanh(sample) + 0.1 * math.sin(float(t) / 100)
 
 
 # ----------------------------------------------------------------------------- the parity grid
@@ -102,17 +82,6 @@ class Case:
         if cfg.get("trained_betas") is not None:
             parts.append("trained")
         return "-".join(str(p).replace(" ", "") for p in parts)
-
-
-def schedule_config(name: str) -> dict:
-    beta_start, beta_end = SCHEDULES[name]
-    return dict(beta_schedule=name, beta_start=beta_start, beta_end=beta_end)
-
-
-def trained_betas(num_train_timesteps: int) -> list[float]:
-    rng = np.random.default_rng(num_train_timesteps)
-    betas = np.linspace(1e-4, 0.03, num_train_timesteps) * rng.uniform(0.5, 1.5, num_train_timesteps)
-    return np.minimum(betas, 0.5).astype(np.float32).tolist()
 
 
 def ill_conditioned(config: dict) -> bool:
@@ -180,42 +149,20 @@ def option_values(case: Case) -> dict:
     return config
 
 
-def covering_subset(cases: list[Case]) -> list[Case]:
-    """Few cases in which every (option, value) of ``cases`` still appears (greedy set cover): the
-    'triton' runs, ~0.1 s a step through the interpreter."""
-    wanted = [{(k, repr(v)) for k, v in option_values(case).items()} | {("long", case.steps >= 15)}
-              for case in cases]
-    missing, chosen = set().union(*wanted), []
-    while missing:
-        best = max(range(len(cases)), key=lambda i: (len(wanted[i] & missing), -cases[i].steps))
-        chosen.append(cases[best])
-        missing -= wanted[best]
-    return sorted(chosen, key=cases.index)
-
-
 CASES = build_cases(full=False)
-TRITON_CASES = covering_subset(CASES)
+TRITON_CASES = covering_subset(CASES, option_values)
 RUNS = [(case, "torch") for case in CASES] + [(case, "triton") for case in TRITON_CASES]
 FULL_CASES = [case for case in build_cases(full=True) if case.id not in {c.id for c in CASES}]
 
 
 def diffusers_config(config: dict) -> dict:
     """diffusers' UniPC rejects beta_schedule="sigmoid": give it diffusers DDPM's sigmoid betas."""
-    config = dict(config)
-    if config.get("beta_schedule") == "sigmoid" and config.get("trained_betas") is None:
-        ddpm = diffusers.DDPMScheduler(beta_schedule="sigmoid", beta_start=config["beta_start"],
-                                       beta_end=config["beta_end"], num_train_timesteps=config.get("num_train_timesteps", 1000))
-        config["trained_betas"] = ddpm.betas.tolist()
-    return config
+    return sigmoid_as_trained_betas(config, diffusers.DDPMScheduler)
 
 
 def pair(config: dict, steps: int | None = None):
-    ours = UniPCMultistepScheduler(**config)
-    theirs = diffusers.UniPCMultistepScheduler(**diffusers_config(config))
-    if steps is not None:
-        ours.set_timesteps(steps)
-        theirs.set_timesteps(steps)
-    return ours, theirs
+    return scheduler_pair(UniPCMultistepScheduler, diffusers.UniPCMultistepScheduler, config, diffusers_config(config),
+                          steps)
 
 
 def sample_loop(scheduler, steps: int, seed: int, backend: str = "torch", dtype=torch.float32) -> list[torch.Tensor]:

@@ -25,10 +25,10 @@ import pytest
 import torch
 
 import fastdiff
+from scheduler_helpers import assert_matches, schedule_config, trained_betas
 
 diffusers = pytest.importorskip("diffusers")
 
-RTOL = 1e-5
 SHAPE = (2, 3, 8, 8)  # (B, C, H, W)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKENDS = ["torch", "triton"]
@@ -42,6 +42,7 @@ SCHEDULES = {  # beta_schedule -> (beta_start, beta_end); squaredcos_cap_v2 igno
     "squaredcos_cap_v2": (0.0001, 0.02),
     "sigmoid": (0.0002, 0.03),
 }
+pytestmark = pytest.mark.usefixtures("one_thread")
 X0_LIMITS = {  # how x̂0 is clipped or thresholded
     "raw": dict(clip_sample=False, thresholding=False),
     "clip": dict(clip_sample=True, clip_sample_range=1.0),
@@ -50,22 +51,6 @@ X0_LIMITS = {  # how x̂0 is clipped or thresholded
     # thresholding wins over clip_sample when both are on
     "thresh_tight": dict(clip_sample=True, thresholding=True, dynamic_thresholding_ratio=0.7, sample_max_value=1.5),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """(2, 3, 8, 8) tensors: intra-op threads only add overhead and contention here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Equal to 1e-5 relative to the scale (max |expected|) of the tensor."""
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale,
-                               msg=lambda m: f"{what}: {m}")
 
 
 def toy_model(sample: torch.Tensor, t, variance_type: str | None = None) -> torch.Tensor:
@@ -110,18 +95,6 @@ class Case:
         if self.per_sample_generators:
             parts.append("gen_list")
         return "-".join(parts)
-
-
-def schedule_config(name: str) -> dict:
-    beta_start, beta_end = SCHEDULES[name]
-    return dict(beta_schedule=name, beta_start=beta_start, beta_end=beta_end)
-
-
-def trained_betas(num_train_timesteps: int) -> list[float]:
-    """An irregular but valid β table, as a model trained with its own schedule would carry."""
-    rng = np.random.default_rng(num_train_timesteps)
-    betas = np.linspace(1e-4, 0.03, num_train_timesteps) * rng.uniform(0.5, 1.5, num_train_timesteps)
-    return np.minimum(betas, 0.5).astype(np.float32).tolist()
 
 
 def build_cases() -> list[Case]:
