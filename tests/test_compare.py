@@ -168,7 +168,7 @@ def test_fastdiff_compare_command(tiny_model, capsys):
     (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
     (dict(batch_size=0), ValueError, "batch_size"),
     (dict(repeats=-1), ValueError, "repeats"),
-    (dict(scheduler="euler"), ValueError, "scheduler"),
+    (dict(scheduler="heun"), ValueError, "scheduler"),
     (dict(seed="0"), TypeError, "seed"),
     (dict(num_inference_steps=2.0), TypeError, "num_inference_steps"),
 ])
