@@ -193,6 +193,11 @@ def _nanmean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _standard_error(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
 @dataclass
 class QualityReport:
     """How a set of class-conditional digit samples scores; see the module docstring."""
@@ -206,6 +211,10 @@ class QualityReport:
     per_class_accuracy: dict[int, float]
     per_class_diversity: dict[int, float]
     seconds: float | None = None  # sampling time, when the samples came from a pipeline
+    # Standard errors of accuracy and mean confidence over the samples (sample std / sqrt(n)):
+    # two runs whose difference is within about twice these are not told apart by this measure.
+    accuracy_se: float = math.nan
+    confidence_se: float = math.nan
 
     def passes(self, min_accuracy: float = MIN_ACCURACY, min_confidence: float = MIN_CONFIDENCE,
                min_diversity: float = MIN_DIVERSITY) -> bool:
@@ -218,12 +227,13 @@ class QualityReport:
 
     @staticmethod
     def markdown_header() -> str:
-        return ("| run | samples | accuracy | confidence | diversity | nearest-train | pass | seconds |\n"
+        return ("| run | samples | accuracy | confidence (± s.e.) | diversity | nearest-train | pass | seconds |\n"
                 "|---|---:|---:|---:|---:|---:|:---:|---:|")
 
     def to_markdown_row(self) -> str:
         seconds = "" if self.seconds is None else f"{self.seconds:.1f}"
-        return (f"| {self.name} | {self.n} | {self.accuracy:.3f} | {self.mean_confidence:.3f} | "
+        spread = "" if math.isnan(self.confidence_se) else f" ± {self.confidence_se:.4f}"
+        return (f"| {self.name} | {self.n} | {self.accuracy:.3f} | {self.mean_confidence:.4f}{spread} | "
                 f"{self.diversity:.2f} | {self.nearest_train_ratio:.2f} | "
                 f"{'yes' if self.passes() else 'no'} | {seconds} |")
 
@@ -243,6 +253,7 @@ def evaluate_samples(images: torch.Tensor, labels, *, name: str = "samples", see
     features = images_to_digits(images)  # (B, 64)
     proba = fit_digits_classifier(seed, part).predict_proba(features)  # (B, 10), columns = classes
     correct = proba.argmax(axis=1) == labels
+    confidence = proba[np.arange(len(labels)), labels]
     real_spread, real_nearest = _real_statistics(part)
     present = sorted(set(labels.tolist()))
     per_class_diversity = {c: _mean_pairwise_distance(features[labels == c]) / real_spread[c] for c in present}
@@ -251,11 +262,13 @@ def evaluate_samples(images: torch.Tensor, labels, *, name: str = "samples", see
         name=name,
         n=len(labels),
         accuracy=float(correct.mean()),
-        mean_confidence=float(proba[np.arange(len(labels)), labels].mean()),
+        mean_confidence=float(confidence.mean()),
         diversity=_nanmean(per_class_diversity.values()),
         nearest_train_ratio=nearest / real_nearest,
         per_class_accuracy={c: float(correct[labels == c].mean()) for c in present},
         per_class_diversity=per_class_diversity,
+        accuracy_se=_standard_error(correct),
+        confidence_se=_standard_error(confidence),
     )
 
 

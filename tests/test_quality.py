@@ -10,6 +10,8 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import math
+
 import pytest
 import torch
 
@@ -105,7 +107,11 @@ def test_report_counts_per_class():
     assert 7 not in report.per_class_accuracy
     assert report.per_class_accuracy[1] == pytest.approx(0.5)
     assert report.accuracy == pytest.approx(0.9)
+    # 27 right and 3 wrong: the standard error of a 0/1 mean, sample std over sqrt(n)
+    assert report.accuracy_se == pytest.approx(math.sqrt(0.9 * 0.1 * 30 / 29 / 30))
+    assert 0 < report.confidence_se < 0.2
     row = report.to_markdown_row()
+    assert f"± {report.confidence_se:.4f}" in row
     assert row.count("|") == quality.QualityReport.markdown_header().splitlines()[0].count("|")
 
 
