@@ -3,6 +3,9 @@
 Noise is drawn in diffusers' order (the starting noise, then each step's noise from the same
 generator), so a DDIM/DDPM loop here and diffusers' DDIMPipeline/DDPMPipeline with the same model,
 scheduler config and seed give the same images.
+
+``from_pretrained`` also loads the folders diffusers' ``DDPMPipeline``/``DDIMPipeline``/``PNDMPipeline``
+write, and ``save_pretrained(folder, format="diffusers")`` writes one (``fastdiff.diffusers_format``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from . import validation
+from . import diffusers_format, validation
 from .images import image_grid, save_image_grid
 from .io import read_json, write_json
 from .sampling_loop import SamplingLoop, check_cuda_graph, loop_key
@@ -235,11 +238,24 @@ class DiffusionPipeline:
         return (image.to(self.device, self.dtype) * 2 - 1).expand(shape)
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """``dir/unet`` (config.json + model.safetensors), ``dir/scheduler``, ``dir/model_index.json``."""
+    def save_pretrained(self, save_directory: str | os.PathLike, format: str = "fastdiff") -> Path:
+        """``dir/unet`` (config.json + weights), ``dir/scheduler``, ``dir/model_index.json``.
+
+        ``format``: 'fastdiff' (keeps ``guidance_scale``) or 'diffusers': the folder diffusers'
+        pipeline for the scheduler loads (``DDIMPipeline`` for DDIM, ``PNDMPipeline`` for PNDM,
+        ``DDPMPipeline`` for DDPM and DPM-Solver++) and samples with as this pipeline does. Refused
+        up front, before anything is written, for a class-conditional U-Net (diffusers' unconditional
+        pipelines pass no labels) and for the schedulers no diffusers pipeline runs as fastdiff does
+        (Euler, Euler-ancestral, UniPC)."""
         from . import __version__
 
         root = Path(save_directory)
+        if diffusers_format.check_format(format) == "diffusers":
+            index = diffusers_format.pipeline_index(type(self.scheduler).__name__, self.unet.is_conditional)
+            self.unet.save_pretrained(root / "unet", format="diffusers")
+            self.scheduler.save_config(root / "scheduler")
+            write_json(index, root / INDEX_NAME)
+            return root
         self.unet.save_pretrained(root / "unet")
         self.scheduler.save_config(root / "scheduler")
         write_json({"_class_name": "DiffusionPipeline", "_fastdiff_version": __version__,
@@ -249,10 +265,16 @@ class DiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None) -> "DiffusionPipeline":
-        """Load a folder written by ``save_pretrained``, or an embedded model by name ('digits')."""
+        """Load a folder written by ``save_pretrained`` (either format), an embedded model by name
+        ('digits'), or a diffusers ``DDPMPipeline``/``DDIMPipeline``/``PNDMPipeline`` folder whose
+        UNet2DModel fastdiff's UNet2D computes exactly, with its scheduler as that pipeline would run
+        it (``DDIMPipeline`` turns any scheduler into DDIM, so this does too)."""
         root = _resolve(path)
         index = read_json(root / INDEX_NAME, argument="path")
-        scheduler_name = (index.get("scheduler") or [None, None])[1]
+        if diffusers_format.is_diffusers_index(index):
+            scheduler_name = diffusers_format.pipeline_scheduler_name(index, root / INDEX_NAME)
+        else:
+            scheduler_name = (index.get("scheduler") or [None, None])[1]
         if scheduler_name not in SCHEDULERS:
             raise ValueError(f"path: {root / INDEX_NAME} names scheduler {scheduler_name!r}; "
                              f"expected one of {sorted(SCHEDULERS)}")

@@ -12,6 +12,10 @@ The state_dict keys are diffusers' (``down_blocks.0.resnets.0.norm1.weight``,
 Every GroupNorm runs through ``ops.group_norm`` (the SiLU after it fused in) and every attention
 through ``ops.attention``; the ``nn.GroupNorm`` modules only hold the parameters.
 
+``save_pretrained(folder, format="diffusers")`` writes diffusers' own layout, and ``from_pretrained``
+reads it back, as it reads any diffusers ``UNet2DModel`` folder whose config UNet2D computes
+exactly (``fastdiff.diffusers_format`` holds the mapping and lists what it refuses).
+
 Caveats: a Python float timestep keeps its fraction (diffusers truncates it to an int); sizes other
 than ``sample_size`` run as long as they divide by 2**(levels-1), with attention at the same levels.
 """
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed, ops, validation
+from . import diffusers_format, distributed, ops, validation
 from .io import load_tensors, read_json, save_tensors, write_json
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -120,19 +124,7 @@ class UNet2DConfig:
 
     def to_diffusers(self) -> dict:
         """Keyword arguments for ``diffusers.UNet2DModel`` that build this exact network."""
-        down = ["AttnDownBlock2D" if attn else "DownBlock2D" for attn in self.attention_levels]
-        up = ["AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(self.attention_levels)]
-        return dict(
-            sample_size=self.sample_size, in_channels=self.in_channels, out_channels=self.out_channels,
-            block_out_channels=list(self.block_out_channels), layers_per_block=self.layers_per_block,
-            down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2D", add_attention=True,
-            time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1,
-            downsample_padding=0, downsample_type="conv", upsample_type="conv", act_fn="silu",
-            resnet_time_scale_shift="default", mid_block_scale_factor=1, center_input_sample=False,
-            norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps,
-            attention_head_dim=self.attention_head_dim, dropout=self.dropout,
-            num_class_embeds=None if self.num_classes is None else self.num_classes + 1,
-        )
+        return diffusers_format.unet_config_to_diffusers(self)
 
 
 PRESETS = {
@@ -442,8 +434,14 @@ class UNet2D(nn.Module):
         return self.conv_out(_norm(self.conv_norm_out, x, silu=True))
 
     # -- saving and loading
-    def save_pretrained(self, directory) -> Path:
-        """Write ``directory/config.json`` and ``directory/model.safetensors`` (each atomically)."""
+    def save_pretrained(self, directory, format: str = "fastdiff") -> Path:
+        """Write ``directory/config.json`` and the weights (each atomically).
+
+        ``format``: 'fastdiff' (UNet2DConfig's fields, ``model.safetensors``) or 'diffusers'
+        (``UNet2DModel``'s config, ``diffusion_pytorch_model.safetensors``: what
+        ``diffusers.UNet2DModel.from_pretrained`` loads). Both load back with ``from_pretrained``."""
+        if diffusers_format.check_format(format) == "diffusers":
+            return diffusers_format.save_unet(self.state_dict(), self.config, directory)
         directory = Path(directory)
         save_tensors(self.state_dict(), directory / WEIGHTS_FILE, metadata={"format": "pt"})
         write_json(self.config.to_dict(), directory / CONFIG_FILE)
@@ -451,22 +449,32 @@ class UNet2D(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, device=None, dtype: torch.dtype | None = None) -> UNet2D:
-        """Load what ``save_pretrained`` wrote, in eval mode; ``dtype=None`` keeps the saved dtype.
-        ``device``: 'cpu', 'cuda', 'cuda:1', ...; ``dtype``: a float dtype or its name ('fp16', 'bf16', ...)."""
+        """Load what ``save_pretrained`` wrote (either format), or a diffusers ``UNet2DModel`` folder, in
+        eval mode; ``dtype=None`` keeps the saved dtype. ``device``: 'cpu', 'cuda', 'cuda:1', ...;
+        ``dtype``: a float dtype or its name ('fp16', 'bf16', ...).
+
+        A diffusers config that UNet2D would not compute exactly (another block type, a Fourier
+        time embedding, scale-shift ResNets, ...) is refused with a ValueError listing every such key."""
         device = None if device is None else distributed.default_device(device)
         dtype = None if dtype is None else validation.dtype("dtype", dtype)
         directory = Path(directory)
         data = read_json(directory / CONFIG_FILE, argument="config")
+        diffusers = diffusers_format.is_diffusers_config(data)
+        if diffusers:  # refuses what UNet2D cannot express, with the file's name
+            data = diffusers_format.unet_config_from_diffusers(data, directory / CONFIG_FILE)
         try:
             config = UNet2DConfig.from_dict(data)
         except ValueError as err:
             raise ValueError(f"config: {directory / CONFIG_FILE}: {err}") from err
-        state = load_tensors(directory / WEIGHTS_FILE, argument="weights")
+        if diffusers:
+            state, weights = diffusers_format.unet_weights(directory)
+        else:
+            weights = directory / WEIGHTS_FILE
+            state = load_tensors(weights, argument="weights")
         model = cls(config)
         try:  # torch's message names every missing/unexpected key and shape mismatch
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ValueError(f"weights: {directory / WEIGHTS_FILE} does not match its config.json: {err}") from err
+            raise ValueError(f"weights: {weights} does not match its config.json: {err}") from err
         saved_dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
         return model.to(device=device, dtype=dtype or saved_dtype).eval()
-
