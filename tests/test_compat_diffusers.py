@@ -17,6 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
+from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 from fastdiff.compat.diffusers import (FastAttnProcessor, FastDDIMScheduler, FastDDPMScheduler,  # noqa: E402
                                        accelerate)
 
@@ -304,7 +305,7 @@ def tiny_unet():
     return diffusers.UNet2DModel(
         sample_size=8, in_channels=3, out_channels=3, block_out_channels=(12, 24), layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=12).eval()
+        norm_num_groups=2, attention_head_dim=12).eval()  # 2 groups: few GroupNorm programs to interpret
 
 
 def tiny_conditional_unet():
@@ -313,7 +314,7 @@ def tiny_conditional_unet():
     return diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(24, 48), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=20, attention_head_dim=2, norm_num_groups=8).eval()
+        cross_attention_dim=20, attention_head_dim=2, norm_num_groups=2).eval()
 
 
 def attention_modules(model):
@@ -334,7 +335,18 @@ def test_accelerated_unet_forward_matches_stock(conditional, launches):
     modules = attention_modules(model)
     assert modules and all(isinstance(m.processor, FastAttnProcessor) for m in modules)
     assert launches["attention"] == len(modules)  # every attention module ran the kernel once
+    assert launches["group_norm"] == sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())  # each once
     assert_close(actual, expected)
+
+
+@pytest.fixture
+def stock_group_norm(monkeypatch):
+    """GroupNorm on the stock op in an accelerated model: the pipeline tests check the schedulers'
+    and attention's kernels, and each interpreted GroupNorm launch costs ~0.1 s here. The GroupNorm
+    kernel inside diffusers' models: tests/test_compat_group_norm.py and tests/test_compat_sd.py."""
+    from fastdiff.compat import _group_norm
+
+    monkeypatch.setattr(_group_norm, "kernel_takes", lambda norm, x: False)
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -354,7 +366,7 @@ def images(pipe, **kwargs):
 
 
 @pytest.mark.parametrize("kind, eta", [("ddpm", None), ("ddim", 0.0), ("ddim", 0.6)])
-def test_accelerated_pipeline_gives_the_stock_images(kind, eta, launches):
+def test_accelerated_pipeline_gives_the_stock_images(kind, eta, launches, stock_group_norm):
     pipe = tiny_pipeline(kind)
     kwargs = {} if eta is None else {"eta": eta}
     expected = images(pipe, **kwargs)
@@ -370,7 +382,7 @@ def test_accelerated_pipeline_gives_the_stock_images(kind, eta, launches):
 
 @pytest.mark.parametrize("stock, config", [("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
                                            ("EulerAncestralDiscreteScheduler", {})])
-def test_accelerated_multistep_pipeline_gives_the_stock_images(stock, config, launches):
+def test_accelerated_multistep_pipeline_gives_the_stock_images(stock, config, launches, stock_group_norm):
     """DDPMPipeline with a multistep scheduler (it passes the generator to step: noise in diffusers' order).
     Linear betas: with the cosine schedule's σ_max (T = 100) diffusers' own float32 Euler-ancestral step
     loses ~1e-4 to cancellation (tests/test_compat_euler.py compares with diffusers in float64 there)."""
@@ -407,18 +419,52 @@ def test_accelerated_pipeline_saves_and_loads(tmp_path):
 def test_accelerate_rejects_what_it_cannot_accelerate():
     with pytest.raises(TypeError, match="pipe_or_model"):
         accelerate("unet")
-    with pytest.raises(ValueError, match="no diffusers Attention modules"):
+    with pytest.raises(ValueError, match="no diffusers Attention modules and no GroupNorm"):
         accelerate(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="no diffusers Attention modules"):
+    with pytest.raises(ValueError, match="fastdiff's own UNet2D already runs its fused ops"):
         accelerate(fastdiff.UNet2D(sample_size=8, block_out_channels=(8, 16), attention_resolutions=(4,),
                                    norm_num_groups=4))
 
+
+def test_a_scheduler_without_a_drop_in_stays_and_the_models_are_still_accelerated(caplog):
     pipe = tiny_pipeline("ddpm")
-    pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match="HeunDiscreteScheduler.*accelerate\\(pipe.unet\\)"):
+    # no drop-in; it takes DDPMPipeline's generator (Heun would not)
+    pipe.scheduler = diffusers.KDPM2AncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    expected = images(pipe)
+    with pytest.warns(UserWarning, match="KDPM2AncestralDiscreteScheduler has no fastdiff drop-in.*stays as it is"), \
+            caplog.at_level("INFO", logger="fastdiff"):
         accelerate(pipe)
-    assert type(pipe.scheduler) is diffusers.HeunDiscreteScheduler  # left untouched
-    assert all(type(m.processor) is AttnProcessor2_0 for m in attention_modules(pipe.unet))
+    assert type(pipe.scheduler) is diffusers.KDPM2AncestralDiscreteScheduler  # left untouched
+    assert all(type(m.processor) is FastAttnProcessor for m in attention_modules(pipe.unet))
+    assert type(pipe.unet.conv_norm_out).__name__ == "FastGroupNormSiLU"
+    summary = [r.getMessage() for r in caplog.records if r.name == "fastdiff"]
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in pipe.unet.modules())
+    resnets = sum(isinstance(m, ResnetBlock2D) for m in pipe.unet.modules())  # norm1 and norm2 each fused
+    assert summary == ["accelerate(DDPMPipeline): scheduler KDPM2AncestralDiscreteScheduler left as it is; "
+                       f"unet: {len(attention_modules(pipe.unet))} attention, {norms} GroupNorm "
+                       f"({2 * resnets + 1} with their SiLU)"]
+    assert_close(images(pipe), expected)  # the torch backend: the stock ops, the stock images
+
+
+def test_the_drop_in_gets_the_effective_config_of_a_patched_scheduler():
+    """StableDiffusionPipeline's constructor rewrites steps_offset (and clip_sample) of legacy
+    configs in place; diffusers' from_config would drop them again, as keys the scheduler took by
+    default (``_use_default_values``): the drop-in would sample other timesteps."""
+    from diffusers.configuration_utils import FrozenDict
+
+    from fastdiff.compat.diffusers import FastPNDMScheduler
+
+    for stock in (diffusers.PNDMScheduler(), diffusers.DDIMScheduler()):  # made with default arguments
+        assert "steps_offset" in stock.config["_use_default_values"]
+        stock._internal_dict = FrozenDict({**stock.config, "steps_offset": 1})  # the pipeline's patch
+        pipe = tiny_pipeline("ddim")
+        pipe.scheduler = stock
+        accelerate(pipe)
+        fast = pipe.scheduler
+        assert type(fast) in (FastPNDMScheduler, FastDDIMScheduler) and dict(fast.config) == dict(stock.config)
+        for scheduler in (stock, fast):
+            scheduler.set_timesteps(10)
+        assert torch.equal(fast.timesteps, stock.timesteps) and fast.timesteps[-1] == 1
 
 
 @pytest.mark.parametrize("stock", ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",

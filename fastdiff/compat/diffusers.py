@@ -37,13 +37,16 @@ This module imports diffusers; ``import fastdiff`` never imports this module.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 try:
-    from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, ModelMixin,
+                           UNet2DConditionModel, UNet2DModel)
+    from diffusers.configuration_utils import FrozenDict
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
     # diffusers' pipeline loader looks a component's base class up by name in the module that
     # model_index.json names for it (this one, after accelerate): with SchedulerMixin importable
@@ -58,17 +61,21 @@ except ImportError as error:  # diffusers is an optional extra
 from .. import ops, validation
 from ..backend import resolve
 from ..schedulers.ddim import fused_ddim_step
+from ..unet import UNet2D
 from ..schedulers.ddpm import fused_ddpm_step
-from . import _dpmsolver, _euler, _pndm, _unipc
+from . import _dpmsolver, _euler, _graphs, _group_norm, _pndm, _unipc
 from ._dpmsolver import FastDPMSolverMultistepScheduler
 from ._euler import FastEulerAncestralDiscreteScheduler, FastEulerDiscreteScheduler
+from ._group_norm import FastGroupNorm, FastGroupNormSiLU, FastResnetBlock2D
 from ._pndm import FastPNDMScheduler
 from ._slots import KERNEL_DTYPES
 from ._unipc import FastUniPCMultistepScheduler
 
 __all__ = ["FastAttnProcessor", "FastDDIMScheduler", "FastDDPMScheduler", "FastDPMSolverMultistepScheduler",
-           "FastEulerAncestralDiscreteScheduler", "FastEulerDiscreteScheduler", "FastPNDMScheduler",
-           "FastUniPCMultistepScheduler", "accelerate"]
+           "FastEulerAncestralDiscreteScheduler", "FastEulerDiscreteScheduler", "FastGroupNorm", "FastGroupNormSiLU",
+           "FastPNDMScheduler", "FastResnetBlock2D", "FastUniPCMultistepScheduler", "accelerate", "reset_cuda_graphs"]
+
+logger = logging.getLogger("fastdiff")
 
 MAX_HEAD_DIM = 256  # kernels/attention.py: MAX_HEAD_DIM (imported there with triton; kept in step by a test)
 
@@ -169,6 +176,8 @@ FAST_SCHEDULERS = {DDPMScheduler: FastDDPMScheduler, DDIMScheduler: FastDDIMSche
 # ----------------------------------------------------------------------------- attention
 def _kernel_takes(query, key, value) -> bool:
     """Whether fastdiff's attention kernel computes what SDPA would for these (B, H, N, D) tensors."""
+    if torch.compiler.is_compiling():  # compiled: the stock SDPA, which Inductor knows
+        return False
     if not _kernel_inputs(query, key, value) or query.ndim != 4:
         return False
     if key.shape != value.shape or key.shape[:2] != query.shape[:2] or key.shape[-1] != query.shape[-1]:
@@ -270,6 +279,57 @@ def _swap_processors(model: torch.nn.Module) -> tuple[int, list[str]]:
     return fast, left
 
 
+def _fast_scheduler(scheduler):
+    """``scheduler`` as its Fast* twin (itself if it already is one), or None where there is none.
+
+    Built from the stock scheduler's *effective* config: diffusers' ``from_config`` would drop the
+    keys listed in ``_use_default_values`` (those the constructor took by default) and so lose
+    values a pipeline patched into the config afterwards (StableDiffusionPipeline sets
+    ``steps_offset=1`` and ``clip_sample=False`` on legacy configs that way). The twin's config is
+    then the stock one verbatim, so ``from_config(pipe.scheduler.config)`` elsewhere behaves the same.
+    """
+    if type(scheduler) in FAST_SCHEDULERS.values():
+        return scheduler
+    fast_class = FAST_SCHEDULERS.get(type(scheduler))
+    if fast_class is None:
+        return None
+    stock_config = dict(scheduler.config)
+    fast = fast_class.from_config({k: v for k, v in stock_config.items() if k != "_use_default_values"})
+    fast._internal_dict = FrozenDict(stock_config)
+    return fast
+
+
+def _graph_model(model: torch.nn.Module, max_graphs: int) -> str | None:
+    """Install CUDA-graph replay on a diffusers model: a UNet's forward, an AutoencoderKL's decode,
+    any other module's forward. Returns what was graphed ('forward', 'decode')."""
+    if isinstance(model, AutoencoderKL):
+        _graphs.install(model, "decode", max_graphs=max_graphs, ignore=("generator",))  # decode ignores it
+        return "decode"
+    normalize = None
+    if isinstance(model, UNet2DModel):
+        normalize = _graphs.timestep_as_tensor(long_for_float=True)
+    elif isinstance(model, UNet2DConditionModel):
+        normalize = _graphs.timestep_as_tensor(long_for_float=False)
+    _graphs.install(model, "forward", max_graphs=max_graphs, normalize=normalize)
+    return "forward"
+
+
+def _accelerate_model(model: torch.nn.Module, cuda_graph: bool, max_graphs: int) -> tuple[dict, list[str]]:
+    """Attention processors, GroupNorm(+SiLU) and optionally CUDA graphs into one model, in place.
+    Returns (counts for the summary, attention processors left alone)."""
+    attention, left = _swap_processors(model)
+    counts = {"attention": attention, **_group_norm.swap(model)}
+    if cuda_graph:
+        counts["graphed"] = _graph_model(model, max_graphs)
+    return counts, left
+
+
+def _describe(counts: dict) -> str:
+    text = (f"{counts['attention']} attention, {counts['group_norm']} GroupNorm "
+            f"({counts['silu_fused']} with their SiLU)")
+    return text + (f", CUDA graphs on {counts['graphed']}" if counts.get("graphed") else "")
+
+
 def _warn_left(owner: str, left: list[str]) -> None:
     if left:
         names = ", ".join(sorted(set(left)))
@@ -277,52 +337,91 @@ def _warn_left(owner: str, left: list[str]) -> None:
                       "FastAttnProcessor replaces AttnProcessor2_0 only", stacklevel=3)
 
 
-def _fast_scheduler(pipe: DiffusionPipeline):
-    """The pipeline's scheduler as a Fast* scheduler (itself if it already is one); ValueError if none fits."""
-    scheduler = getattr(pipe, "scheduler", None)
-    if type(scheduler) in FAST_SCHEDULERS.values():
-        return scheduler
-    fast_class = FAST_SCHEDULERS.get(type(scheduler))
-    if fast_class is None:
-        names = ", ".join(sorted(stock.__name__ for stock in FAST_SCHEDULERS))
-        raise ValueError(
-            f"accelerate supports diffusers pipelines that sample with one of {names}; "
-            f"{type(pipe).__name__} has scheduler {type(scheduler).__name__}. To run only the attention "
-            f"on fastdiff's kernel, pass the model: accelerate(pipe.unet)")
-    return fast_class.from_config(scheduler.config)
-
-
-def accelerate(pipe_or_model):
+def accelerate(pipe_or_model, *, cuda_graph: bool = False, max_graphs: int = _graphs.MAX_GRAPHS):
     """Run a diffusers pipeline's or model's hot path on fastdiff's fused kernels; returns the same object.
 
-    * a ``DiffusionPipeline`` whose scheduler is one of diffusers' DDPM, DDIM, DPMSolverMultistep,
-      UniPCMultistep, EulerDiscrete, EulerAncestralDiscrete or PNDM schedulers: the scheduler becomes
-      its ``Fast*`` twin (same config), and every attention module of every model component gets
-      ``FastAttnProcessor``;
-    * a model (``UNet2DModel``, ``UNet2DConditionModel``, any ``torch.nn.Module`` holding diffusers
-      ``Attention`` modules): every attention module gets ``FastAttnProcessor``.
+    * a ``DiffusionPipeline``: its scheduler becomes its ``Fast*`` twin when it is one of diffusers'
+      DDPM, DDIM, PNDM, EulerDiscrete, EulerAncestralDiscrete, DPMSolverMultistep or UniPCMultistep
+      schedulers (built from the scheduler's effective config); any other scheduler stays, with one
+      warning. Every diffusers model the pipeline holds (unet, vae, any other ``ModelMixin``) is
+      accelerated as below; other components (a transformers text encoder, a tokenizer) stay as they are;
+    * a model (``UNet2DConditionModel``, ``AutoencoderKL``, any ``torch.nn.Module`` holding diffusers
+      modules): every attention module with the stock ``AttnProcessor2_0`` gets ``FastAttnProcessor``
+      (others keep theirs, with a warning); every ``nn.GroupNorm`` runs on fastdiff's GroupNorm kernel,
+      the SiLU after it fused in where the model applies one right away (``_group_norm``).
+    * ``cuda_graph=True``: the UNet forward and the VAE decode (any other model's forward) are
+      captured into CUDA graphs per input signature and replayed, at most ``max_graphs`` signatures
+      per model (``_graphs``: limits, and ``reset_cuda_graphs`` after replacing weights). On CPU
+      tensors they simply run eagerly.
 
-    Only stock ``AttnProcessor2_0`` processors are replaced (others are kept, with a warning).
+    One INFO line on the ``fastdiff`` logger says what was swapped and what was left alone.
     Idempotent: a second call changes nothing. Same images as before, for the same generator.
     """
+    validation.boolean("cuda_graph", cuda_graph)
+    if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+        raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
     if isinstance(pipe_or_model, DiffusionPipeline):
-        scheduler = _fast_scheduler(pipe_or_model)  # first: an unsupported pipeline is left untouched
-        if scheduler is not pipe_or_model.scheduler:
-            # assigned after construction: DDIMPipeline's constructor would rebuild a DDIMScheduler
-            pipe_or_model.scheduler = scheduler
-        left = []
-        for component in pipe_or_model.components.values():
-            if isinstance(component, torch.nn.Module):
-                left += _swap_processors(component)[1]
-        _warn_left(type(pipe_or_model).__name__, left)
-        return pipe_or_model
+        return _accelerate_pipeline(pipe_or_model, cuda_graph, max_graphs)
+    if isinstance(pipe_or_model, UNet2D):
+        raise ValueError("accelerate takes diffusers pipelines and models; fastdiff's own UNet2D already runs "
+                         "its fused ops (sample it with fastdiff.DiffusionPipeline, cuda_graph=True for graphs)")
     if isinstance(pipe_or_model, torch.nn.Module):
-        fast, left = _swap_processors(pipe_or_model)
-        if fast == 0:
-            found = f"only {', '.join(sorted(set(left)))} processors" if left else "no diffusers Attention modules"
+        counts, left = _accelerate_model(pipe_or_model, cuda_graph, max_graphs)
+        if counts["attention"] == 0 and counts["group_norm"] == 0 and not cuda_graph:
+            found = f"only {', '.join(sorted(set(left)))} attention processors" if left else \
+                "no diffusers Attention modules and no GroupNorm"
             raise ValueError(f"accelerate found {found} in {type(pipe_or_model).__name__}: nothing to run on "
-                             "fastdiff's attention kernel (fastdiff's own UNet2D already runs its fused ops)")
+                             "fastdiff's kernels (fastdiff's own UNet2D already runs its fused ops)")
         _warn_left(type(pipe_or_model).__name__, left)
+        logger.info("accelerate(%s): %s", type(pipe_or_model).__name__, _describe(counts))
         return pipe_or_model
     raise TypeError(f"pipe_or_model must be a diffusers DiffusionPipeline or a torch.nn.Module (UNet2DModel, "
-                    f"UNet2DConditionModel, ...), got {type(pipe_or_model).__name__}")
+                    f"UNet2DConditionModel, AutoencoderKL, ...), got {type(pipe_or_model).__name__}")
+
+
+def _accelerate_pipeline(pipe: DiffusionPipeline, cuda_graph: bool, max_graphs: int) -> DiffusionPipeline:
+    owner = type(pipe).__name__
+    stock = getattr(pipe, "scheduler", None)
+    parts = []
+    if stock is not None:
+        fast = _fast_scheduler(stock)
+        if fast is None:
+            names = ", ".join(sorted(cls.__name__ for cls in FAST_SCHEDULERS))
+            warnings.warn(f"accelerate: {owner}'s scheduler {type(stock).__name__} has no fastdiff drop-in "
+                          f"(there are drop-ins for {names}); it stays as it is, the models are still "
+                          "accelerated", stacklevel=3)
+            parts.append(f"scheduler {type(stock).__name__} left as it is")
+        elif fast is not stock:
+            # assigned after construction: DDIMPipeline's constructor would rebuild a DDIMScheduler
+            pipe.scheduler = fast
+            parts.append(f"scheduler {type(stock).__name__} -> {type(fast).__name__}")
+    left, alone = [], []
+    for name, component in pipe.components.items():
+        if isinstance(component, ModelMixin):
+            counts, model_left = _accelerate_model(component, cuda_graph, max_graphs)
+            left += model_left
+            parts.append(f"{name}: {_describe(counts)}")
+        elif isinstance(component, torch.nn.Module):
+            alone.append(f"{name} ({type(component).__name__}: not a diffusers model)")
+    if alone:
+        parts.append("left alone: " + ", ".join(alone))
+    _warn_left(owner, left)
+    logger.info("accelerate(%s): %s", owner, "; ".join(parts))
+    return pipe
+
+
+def reset_cuda_graphs(pipe_or_model) -> int:
+    """Drop the CUDA graphs ``accelerate(..., cuda_graph=True)`` recorded, so the next calls capture
+    again: needed after a model's parameters were *replaced* by new tensors (a replay reads the old
+    ones; weights changed in place need nothing). Returns how many graphed callables were reset."""
+    if isinstance(pipe_or_model, DiffusionPipeline):
+        models = [c for c in pipe_or_model.components.values() if isinstance(c, torch.nn.Module)]
+    elif isinstance(pipe_or_model, torch.nn.Module):
+        models = [pipe_or_model]
+    else:
+        raise TypeError(f"pipe_or_model must be a diffusers DiffusionPipeline or a torch.nn.Module, "
+                        f"got {type(pipe_or_model).__name__}")
+    graphed = [g for model in models for g in _graphs.graphed(model)]
+    for g in graphed:
+        g.reset()
+    return len(graphed)
