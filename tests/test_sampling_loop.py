@@ -311,7 +311,7 @@ def rgb_pipeline(device="cpu", dtype=torch.float32) -> DiffusionPipeline:
     at the U-Net's input and output, and a layout check there could not fail."""
     torch.manual_seed(0)
     unet = fastdiff.UNet2D(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                           attention_resolutions=(4,), norm_num_groups=4, dropout=0.0, num_classes=3)
+                           attention_resolutions=(4,), norm_num_groups=2, dropout=0.0, num_classes=3)
     return DiffusionPipeline(unet.to(device=device, dtype=dtype).eval(), DDIMScheduler(num_train_timesteps=50))
 
 
@@ -325,19 +325,19 @@ def test_channels_last_unet_keeps_the_loop_in_channels_last(backend):
     every U-Net call takes and returns channels_last tensors (no layout transposes around its
     convolutions); the images are those of the NCHW model up to convolution rounding, and NCHW."""
     pipe = rgb_pipeline()
-    kwargs = {"batch_size": 2, "num_inference_steps": 3, "eta": 0.5, "class_labels": [0, 2], "guidance_scale": 2.0,
-              "progress": False}
+    kwargs = {"batch_size": 2, "num_inference_steps": 2, "eta": 0.5, "class_labels": [0, 2], "guidance_scale": 2.0,
+              "progress": False}  # 2 groups, 2 steps: the interpreted U-Net ('triton') costs ~0.1 s per GroupNorm program
     layouts = []
     pipe.unet.register_forward_hook(lambda module, args, out: layouts.append((channels_last(args[0]),
                                                                               channels_last(out))))
     with fastdiff.use_backend(backend):
         expected = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
-        assert pipe.unet.memory_format == torch.contiguous_format and layouts == [(False, False)] * 3
+        assert pipe.unet.memory_format == torch.contiguous_format and layouts == [(False, False)] * 2
         pipe.unet.to(memory_format=torch.channels_last)
         assert pipe.unet.memory_format == torch.channels_last
         layouts.clear()
         images = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert layouts == [(True, True)] * 3
+    assert layouts == [(True, True)] * 2
     assert images.is_contiguous() and images.shape == expected.shape
     torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-5)
 
