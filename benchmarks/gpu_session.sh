@@ -11,10 +11,14 @@
 # The budget (BUDGET, default 570 s: the call's 600 less 30 for the last pack and the log) counts
 # from the script's start, setup included, and adds up (the script refuses caps that do not):
 #
-#   setup 40 (two pip installs, the version check) + stage caps 80 + 115 + 175 + 40 + 50 + 40 = 540,
-#   and the rest stage gets what is left: at least 30 s, more when setup was quicker. (Stage 2 got 15 s
-#   more for the multistep step's 6 quick cases and stage 3 25 s more for DPM++-10 at B = 256, both
-#   estimates, taken from tune's 90: the sweep stops between candidates and keeps what it measured.)
+#   setup 40 (two pip installs, the version check) + stage caps 80 + 115 + 175 + 40 + 60 + 30 + 30 = 570,
+#   and the rest stage gets what is left: nothing when every stage and setup run to their caps, and
+#   what setup and the stages before it leave unspent otherwise (setup's 40 s are an allowance: two
+#   pip installs and an import take ~20). (Stage 2 got 15 s more for the multistep step's 6 quick cases
+#   and stage 3 25 s more for DPM++-10 at B = 256, both taken from tune's 90; stage 5, the SD U-Net and
+#   VAE, got its 60 s from the rest's former floor of 30, tune's 50 -> 30 and the kernel tests' 40 -> 30:
+#   all estimates. The sweep stops between candidates and keeps what it measured; the kernel tests stop
+#   on SIGINT with their JUnit XML.)
 #
 # Stages, most important first, each capped at min(its cap, the budget left):
 #   1. pytest -m gpu (80 s): the GPU tests (CUDA graphs == eager, no host sync, kernels at real
@@ -26,11 +30,17 @@
 #      fastdiff (eager, graphed, graphed channels_last), the reference, diffusers and (DDIM only)
 #      diffusers + torch.compile (when the wheels came along);
 #   4. step_overhead, quick tier (40 s): per-step overhead outside the U-Net with CUDA graphs;
-#   5. benchmarks/tune.py (50 s): attention's launch configs first, then GroupNorm's, the elementwise kernels';
-#   6. the kernel tests of the CPU suite (40 s): odd shapes and strides, every table entry, compiled;
-#   7. with what time is left, the rest of the full tier (ops first, then end to end, DPM++'s
+#   5. Stable Diffusion 1.5's U-Net (B = 2: one image with guidance) and VAE decode in diffusers, fp16
+#      (60 s): stock, accelerate(model) and accelerate(model, cuda_graph=True); benchmarks/bench_sd_unet.py
+#      and bench_sd_vae.py, which `fastdiff bench --ops` does not list, so pytest runs them as fastdiff
+#      bench runs its files (`fastdiff bench --from-json` makes their report here, off the device).
+#      Their diffusers + torch.compile (a minute or more to compile SD's U-Net: an estimate) is left to
+#      the single stage `sd`, a call of its own;
+#   6. benchmarks/tune.py (30 s): attention's launch configs first, then GroupNorm's, the elementwise kernels';
+#   7. the kernel tests of the CPU suite (30 s): odd shapes and strides, every table entry, compiled;
+#   8. with what time is left, the rest of the full tier (ops first, then end to end, DPM++'s
 #      diffusers + torch.compile among it).
-# Caps are estimates: no stage has run on a GPU yet. BUDGET, SETUP_S, CAPS (six numbers, in stage
+# Caps are estimates: no stage has run on a GPU yet. BUDGET, SETUP_S, CAPS (seven numbers, in stage
 # order) and GRACE can be set in the environment (the test runs `all` in seconds that way).
 #
 # A stage of S seconds gets SIGINT at S - GRACE and SIGKILL at S (GRACE 10 s): no stage outlives
@@ -44,11 +54,12 @@
 # A broken setup (install, import) stops the script at once, leaving device time to fix and rerun.
 #
 # Single stages, for a rerun, each capped by the budget: tests, kernel-tests, quick, tune,
-# full [OP ...], end_to_end (step 3).
+# full [OP ...], end_to_end (step 3), sd (step 5's files, full tier, every provider: torch.compile too).
 #
 # The GPU machine has torch, triton, pytest, pytest-benchmark, nvidia-ml-py, matplotlib,
 # safetensors, pillow, tqdm and huggingface_hub, but no diffusers: `wheels` downloads diffusers
 # (the version pyproject's test extra pins) and importlib_metadata, the only requirement it lacks.
+# The SD benchmarks build their models from configs, with no text encoder: no transformers needed.
 set -euo pipefail
 [[ -n ${EPOCHREALTIME:-} ]] || { echo "gpu_session.sh needs bash 5 (EPOCHREALTIME)" >&2; exit 2; }
 
@@ -63,8 +74,8 @@ export PYTHONUNBUFFERED=1  # a killed process keeps its last lines in the log: t
 budget=${BUDGET:-570}
 setup_allowance=${SETUP_S:-40}
 grace=${GRACE:-10}
-stages=(tests ops-quick e2e overhead tune kernel-tests)
-read -r -a caps <<<"${CAPS:-80 115 175 40 50 40}"  # seconds, in the order of `stages`
+stages=(tests ops-quick e2e overhead sd tune kernel-tests)
+read -r -a caps <<<"${CAPS:-80 115 175 40 60 30 30}"  # seconds, in the order of `stages`
 DIFFUSERS=diffusers==0.42.1  # as pyproject's test extra
 # tests/ benchmark test that runs `fastdiff bench --quick --no-compile --ops ddim_step attention`:
 # the op-bench stage runs those cases again, so the GPU-tests stage leaves it out
@@ -110,8 +121,9 @@ check_arguments() {
     local value
     if [[ ${1:-all} != full ]]; then
         for value in "${@:-all}"; do
-            [[ $value =~ ^(all|tests|kernel-tests|quick|tune|end_to_end)$ ]] ||
-                die "unknown stage $value (wheels, all, tests, kernel-tests, quick, tune, full [OP ...], end_to_end)"
+            [[ $value =~ ^(all|tests|kernel-tests|quick|tune|end_to_end|sd)$ ]] ||
+                die "unknown stage $value (wheels, all, tests, kernel-tests, quick, tune, full [OP ...], end_to_end," \
+                    "sd)"
         done
     fi
     for value in "$budget" "$setup_allowance" "$grace" "${caps[@]}"; do
@@ -187,6 +199,20 @@ bench() {
         --json "$work/$(stem)-$name.json"
 }
 
+# bench_sd NAME SECONDS PYTEST-ARGS...: the SD bench files, which fastdiff bench's --ops does not list,
+# run by pytest with the flags fastdiff bench gives its files, into $work/<stem>-NAME.json and its
+# per-case .jsonl, inside SECONDS (no report here: `fastdiff bench --from-json` writes it off the device)
+SD_BENCH_FILES=(benchmarks/bench_sd_unet.py benchmarks/bench_sd_vae.py)
+bench_sd() {
+    local name=$1 seconds=$2 json
+    shift 2
+    too_little "bench $name" "$seconds" $((3 * grace)) && return 0
+    json="$work/$(stem)-$name.json"
+    staged "bench-$name" "$seconds" python3 -m pytest "${SD_BENCH_FILES[@]}" -q -p no:cacheprovider --benchmark-enable \
+        "--benchmark-json=$json" "--case-log=${json%.json}.jsonl" --benchmark-columns=median,rounds \
+        --benchmark-sort=fullname "$@" --time-budget "$((seconds - 2 * grace))"
+}
+
 # run_tests NAME SECONDS PYTEST-ARGS...: pytest into $work/NAME.{log,xml}, inside SECONDS
 run_tests() {
     local name=$1 seconds=$2
@@ -224,6 +250,9 @@ run_stage() {
         name=$(IFS=-; echo "$*")
         if (($#)); then bench "full-$name" "$(cap)" --ops "$@"; else bench full "$(cap)"; fi
         ;;
+    sd)  # the SD U-Net and VAE, full tier, every provider (torch.compile of the U-Net included)
+        bench_sd sd-full "$(cap "${1:-}")"
+        ;;
     end_to_end)  # the goal's providers first (DDIM's, then DPM++'s); the compiles and diffusers_fastdiff in `rest`
         bench e2e-B256-bf16 "$(cap "${1:-}")" --ops end_to_end \
             -k "B256 and bf16 and not torch_peer and not diffusers_fastdiff and not (dpmpp and diffusers_compile)"
@@ -234,8 +263,9 @@ run_stage() {
             multistep_step attention group_norm; pack
         run_stage end_to_end "${caps[2]}"; pack
         bench overhead-quick "$(cap "${caps[3]}")" --quick --ops step_overhead; pack
-        run_stage tune "${caps[4]}"; pack
-        run_stage kernel-tests "${caps[5]}"; pack
+        bench_sd sd-quick "$(cap "${caps[4]}")" --quick -k "not diffusers_compile"; pack
+        run_stage tune "${caps[5]}"; pack
+        run_stage kernel-tests "${caps[6]}"; pack
         bench rest "$(left)" --ops q_sample ddim_step ddpm_step multistep_step attention group_norm end_to_end \
             -k "not (B256 and bf16) or torch_peer or diffusers_fastdiff or (dpmpp and diffusers_compile)"
         ;;

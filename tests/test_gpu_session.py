@@ -5,7 +5,7 @@ The script is what a lent GPU's one 600-second call runs. Here `python3`, `nvidi
 The fake stages finish, or hang and honour SIGINT, or hang and ignore it (the backstop that was
 seen to fail) until the SIGKILL. Checked: every stage's limits stay inside its cap and the budget,
 each case a killed stage finished is in the packed results, and $OUT holds only the pack and the
-log. The two sessions run side by side (they mostly sleep), so the file takes about 8 seconds.
+log. The three sessions run side by side (they mostly sleep), so the file takes about 8 seconds.
 """
 
 import ast
@@ -27,7 +27,8 @@ SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
 
-# python3 as gpu_session.sh calls it: pip, -c, pytest, fastdiff bench and tune.py. FAKE_PLAN maps a
+# python3 as gpu_session.sh calls it: pip, -c, pytest (tests, or the SD bench files with
+# --benchmark-json, which then behave as a bench stage), fastdiff bench and tune.py. FAKE_PLAN maps a
 # substring of a stage's output name to how it behaves: {"hang": "int"} runs until SIGINT, then
 # exits as pytest does; {"hang": "ignore"} ignores SIGINT (the KeyboardInterrupt swallowed in a
 # weakref finaliser) and writes a case every case_s seconds until the SIGKILL. Every call is
@@ -61,7 +62,7 @@ if args[:2] == ["-m", "pip"]:
     sys.exit(1 if plan.get("pip_fails") else 0)
 if args[0] == "-c":
     sys.exit(1 if "xdist" in args[1] else print("torch fake, triton fake, fastdiff fake") or 0)
-if args[:2] == ["-m", "pytest"]:
+if args[:2] == ["-m", "pytest"] and option("--junitxml"):
     xml = Path(option("--junitxml"))
     if how(xml.stem).get("hang") == "int":
         def interrupted(signum, frame):
@@ -73,7 +74,7 @@ if args[:2] == ["-m", "pytest"]:
             time.sleep(0.05)
     xml.write_text("<testsuite/>")
     sys.exit(print("1 passed") or 0)
-out = Path(option("--json"))  # fastdiff bench and tune.py
+out = Path(option("--json") or option("--benchmark-json"))  # fastdiff bench, tune.py, the SD bench files
 stage = how(out.name)
 if stage.get("hang") == "ignore":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -146,17 +147,18 @@ def finish(tmp: Path, process, started: float, budget: int, ended: float | None 
                    budget)
 
 
-ALL = {"BUDGET": "24", "SETUP_S": "2", "CAPS": "3 3 4 3 3 3", "GRACE": "1"}  # 2 + 19 = 21 s, rest >= 3
-ALL_CAPS = [3, 3, 4, 3, 3, 3]
+ALL = {"BUDGET": "27", "SETUP_S": "2", "CAPS": "3 3 4 3 3 3 3", "GRACE": "1"}  # 2 + 22 = 24 s, rest >= 3
+ALL_CAPS = [3, 3, 4, 3, 3, 3, 3]
 
 
 @pytest.fixture(scope="module")
 def sessions(tmp_path_factory):
-    """`all` (the GPU tests stopped by SIGINT, the end-to-end stage SIGKILLed, the first pack failing)
-    and a rerun of `quick` after a slow setup, run at the same time."""
+    """`all` (the GPU tests stopped by SIGINT, the end-to-end stage SIGKILLed, the first pack failing),
+    a rerun of `quick` after a slow setup and one of `sd`, run at the same time."""
     plans = {
         "all": (["all"], ALL, {"gpu-tests": {"hang": "int"}, "e2e": {"hang": "ignore", "case_s": 0.3}}, True),
         "rerun": (["quick"], {"BUDGET": "7", "GRACE": "1"}, {"pip_s": 2, "quick": {"hang": "ignore"}}, False),
+        "sd": (["sd"], {"BUDGET": "6", "GRACE": "1"}, {"sd-full": {"hang": "int"}}, False),
     }
     started, ended = {}, {}
     for name, (args, env, plan, tar_fails_once) in plans.items():
@@ -172,10 +174,10 @@ def sessions(tmp_path_factory):
 def test_all_keeps_every_stage_inside_its_cap_and_the_budget(sessions):
     s = sessions["all"]
     assert s.rc == 0, s.output
-    assert "budget 24s = setup 2 + tests 3 + ops-quick 3 + e2e 4 + overhead 3 + tune 3 + kernel-tests 3 + rest 3" \
-        in s.log
+    assert ("budget 27s = setup 2 + tests 3 + ops-quick 3 + e2e 4 + overhead 3 + sd 3 + tune 3 + kernel-tests 3 "
+            "+ rest 3") in s.log
     staged = s.staged()
-    assert len(staged) == 7, s.log  # six capped stages and the rest
+    assert len(staged) == 8, s.log  # seven capped stages and the rest
     for (start, command, sigint, sigkill), cap in zip(staged, ALL_CAPS + [None]):
         assert start + sigkill <= s.budget and sigint == sigkill - 1, command
         if cap is not None:
@@ -269,8 +271,9 @@ def test_every_op_and_kernel_test_file_has_a_stage(sessions):
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (["all"], {"BUDGET": "100"}, "setup + stage caps = 540s exceed BUDGET=100s (setup 40 + tests 80 + "),
-    (["all"], {"CAPS": "1 2"}, "CAPS must give 6 caps (tests ops-quick e2e overhead tune kernel-tests)"),
+    (["all"], {"BUDGET": "100"}, "setup + stage caps = 570s exceed BUDGET=100s (setup 40 + tests 80 + "),
+    (["all"], {"CAPS": "1 2"}, "CAPS must give 7 caps (tests ops-quick e2e overhead sd tune kernel-tests)"),
+    (["all"], {"BUDGET": "569"}, "setup + stage caps = 570s exceed BUDGET=569s"),
     (["all"], {"GRACE": "ten"}, "must be whole seconds; got 'ten'"),
     (["tests", "quik"], {}, "unknown stage quik"),
 ])
@@ -283,6 +286,39 @@ def test_a_bad_budget_or_stage_is_refused_before_setup(tmp_path, args, env, mess
 def test_the_default_budget_adds_up_and_a_broken_setup_stops_at_once(tmp_path):
     s = finish(tmp_path, *launch(tmp_path, ["all"], {}, {"pip_fails": True}), 570)
     assert s.rc == 1
-    assert ("budget 570s = setup 40 + tests 80 + ops-quick 115 + e2e 175 + overhead 40 + tune 50 + kernel-tests 40 "
-            "+ rest 30") in s.log
+    assert ("budget 570s = setup 40 + tests 80 + ops-quick 115 + e2e 175 + overhead 40 + sd 60 + tune 30 "
+            "+ kernel-tests 30 + rest 0") in s.log
     assert not s.staged()  # no stage started after the failed install
+
+
+def test_the_sd_stage_runs_the_sd_bench_files_as_fastdiff_bench_runs_its_files(sessions):
+    """The SD bench files are not among fastdiff bench's --ops: `all` runs them with pytest, quick tier,
+    without torch.compile, their JSON and per-case log in the pack; `sd` alone runs every provider."""
+    calls = {name: [c["args"] for c in s.calls if c["args"][:2] == ["-m", "pytest"] and
+                    any(a.startswith("--benchmark-json=") for a in c["args"])] for name, s in sessions.items()}
+    [quick], [full] = calls["all"], calls["sd"]
+    for args in (quick, full):
+        files = [a for a in args if a.startswith("benchmarks/bench_sd_")]
+        assert files == ["benchmarks/bench_sd_unet.py", "benchmarks/bench_sd_vae.py"]
+        assert all((ROOT / f).is_file() for f in files) and "--benchmark-enable" in args
+        [json_arg] = [a for a in args if a.startswith("--benchmark-json=")]
+        [log_arg] = [a for a in args if a.startswith("--case-log=")]
+        assert log_arg.removeprefix("--case-log=") == json_arg.removeprefix("--benchmark-json=")[:-5] + ".jsonl"
+    assert "--quick" in quick and quick[quick.index("-k") + 1] == "not diffusers_compile"
+    assert "--quick" not in full and "-k" not in full
+    assert any(name.endswith("-sd-quick.jsonl") for name in sessions["all"].packed())
+    s = sessions["sd"]
+    assert s.rc == 0, s.output
+    [(start, command, sigint, sigkill)] = s.staged()
+    assert "bench-sd-full: stopped by SIGINT" in s.log and start + sigkill <= s.budget
+    assert int(re.search(r"--time-budget (\d+)", command)[1]) == sigkill - 2
+
+
+def test_every_bench_file_has_a_stage(sessions):
+    """A bench file is run by `fastdiff bench --ops` (its op in fastdiff.bench.OPS) or by the SD stage's
+    pytest call: none is left out of `all`."""
+    from fastdiff import bench
+
+    run = {a for c in sessions["all"].calls for a in c["args"] if a.startswith("benchmarks/bench_")}
+    for path in (ROOT / "benchmarks").glob("bench_*.py"):
+        assert path.stem.removeprefix("bench_") in bench.OPS or f"benchmarks/{path.name}" in run, path.name
