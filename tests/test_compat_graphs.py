@@ -206,3 +206,19 @@ def test_gpu_graphed_unet_matches_eager_and_sees_weights_changed_in_place():
         assert torch.equal(unet(x, 10, encoder_hidden_states=text).sample, before)  # the documented limit
         reset_cuda_graphs(unet)
         assert not torch.equal(unet(x, 10, encoder_hidden_states=text).sample, before)
+
+
+def test_an_eager_call_gets_its_arguments_as_given():
+    """No graph (CPU tensors, no stub): the timestep is not rewritten (the model picks its own dtype
+    per device; on MPS float64 would not even exist)."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, sample, timestep):
+            seen.append(timestep)
+            return sample
+
+    probe = Probe()
+    _graphs.install(probe, "forward", normalize=_graphs.timestep_as_tensor(long_for_float=False))
+    probe(torch.ones(2), 3.5)
+    assert seen == [3.5]

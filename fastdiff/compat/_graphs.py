@@ -140,17 +140,19 @@ class GraphedForward:
         self.graphs.clear()
 
     def __call__(self, *args, **kwargs):
-        call_kwargs = {k: v for k, v in kwargs.items() if k not in self.ignore}
-        if self.normalize is not None:
-            args, call_kwargs = self.normalize(args, call_kwargs)
-        leaves = _leaves((args, call_kwargs))
-        device = self._graph_device(leaves)
-        key = None if device is None else self._key(args, call_kwargs, leaves)
+        call_args, call_kwargs = args, {k: v for k, v in kwargs.items() if k not in self.ignore}
+        device = self._graph_device(_leaves((call_args, call_kwargs)))
+        if device is None:  # eager, with the arguments as given
+            return self.fn(*args, **kwargs)
+        if self.normalize is not None:  # only for a graph: on other devices the model picks other dtypes
+            call_args, call_kwargs = self.normalize(call_args, call_kwargs)
+        leaves = _leaves((call_args, call_kwargs))
+        key = self._key(call_args, call_kwargs, leaves)
         if key is None:
             return self.fn(*args, **kwargs)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self._capture(args, call_kwargs, leaves, device)
+            graph = self._capture(call_args, call_kwargs, leaves, device)
             self.graphs[key] = graph
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)

@@ -19,7 +19,11 @@
 * ``FastAttnProcessor``: an attention processor that does what diffusers' ``AttnProcessor2_0`` does
   (spatial norm, group norm, cross-attention norm, q/k norms, mask, residual, rescale factor)
   with fastdiff's flash-attention kernel in place of ``scaled_dot_product_attention``.
-* ``accelerate(pipe_or_model)``: swaps both in and returns the same object.
+* ``FastGroupNorm``, ``FastGroupNormSiLU``, ``FastResnetBlock2D`` (``_group_norm``): GroupNorm and
+  the SiLU after it on fastdiff's GroupNorm kernel inside diffusers' models, by module class swap.
+* ``accelerate(pipe_or_model, cuda_graph=False)``: swaps all of these in and returns the same
+  object; any other scheduler stays (one warning). ``cuda_graph=True`` replays the UNet forward and
+  the VAE decode from CUDA graphs (``_graphs``); ``reset_cuda_graphs`` after replacing weights.
 
 The path follows fastdiff's backend switch (``FASTDIFF_BACKEND``, ``fastdiff.use_backend``): under
 'auto' CUDA tensors take the kernels. Where a kernel would not give diffusers' result, diffusers'
@@ -30,7 +34,9 @@ own code (the stock path) runs instead, whatever the backend:
   does not), noise or timesteps that only broadcast;
 * attention: an attention mask, float64, a head dim over 256, or autograd (no kernel backward):
   ``scaled_dot_product_attention`` runs, as in ``AttnProcessor2_0``. On the 'torch' path it runs
-  too, so a torch-backend accelerated pipeline computes exactly what the stock one does.
+  too, so a torch-backend accelerated pipeline computes exactly what the stock one does;
+* GroupNorm: the same cases (autograd, the 'torch' path, other dtypes, torch.compile) run
+  ``F.group_norm`` and the stock activation.
 
 This module imports diffusers; ``import fastdiff`` never imports this module.
 """
