@@ -222,3 +222,14 @@ def test_an_eager_call_gets_its_arguments_as_given():
     _graphs.install(probe, "forward", normalize=_graphs.timestep_as_tensor(long_for_float=False))
     probe(torch.ones(2), 3.5)
     assert seen == [3.5]
+
+
+def test_a_broadcast_input_gets_a_writable_buffer(stub_graphs):
+    eager = tiny_unet()
+    unet = accelerate(copy.deepcopy(eager), cuda_graph=True)
+    x, text = unet_inputs()
+    for t in (40, 7):
+        timesteps = torch.tensor(t).expand(2)  # stride 0: cannot be copied into as it is
+        assert torch.equal(unet(x, timesteps, encoder_hidden_states=text).sample,
+                           eager(x, timesteps, encoder_hidden_states=text).sample)
+    assert len(stub_graphs) == 1

@@ -192,8 +192,7 @@ class GraphedForward:
 
     def _capture(self, args, kwargs, leaves, device) -> _Graph:
         tensors = [leaf for _, leaf in leaves if isinstance(leaf, torch.Tensor)]
-        inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device if t.numel() == 1 else t.device)
-                  for t in tensors]
+        inputs = [_static_buffer(t, device) for t in tensors]
         for buffer, t in zip(inputs, tensors):
             buffer.copy_(t)
         buffers = iter(inputs)
@@ -216,6 +215,14 @@ class GraphedForward:
             return _Graph(None, inputs)
         self.captures += 1
         return _Graph(replay, inputs, output)
+
+
+def _static_buffer(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor a graph reads ``t``'s values from: ``t``'s strides (what the kernels were captured
+    with), contiguous for a broadcast view (``t.expand(B)``: stride 0, not writable), on ``device``."""
+    if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
 
 
 def graphs_available(device: torch.device) -> bool:
