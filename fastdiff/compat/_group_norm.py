@@ -1,8 +1,8 @@
 """GroupNorm(+SiLU) on fastdiff's kernel inside diffusers' models.
 
-A Stable-Diffusion-class pipeline runs ~100 GroupNorms per image (ResNet blocks, the transformer
-blocks' input norm, the VAE and its attention's group norm), most of them followed at once by a
-SiLU. Eager PyTorch spends three kernels on the norm and one on the SiLU; ``ops.group_norm`` does
+Stable Diffusion 1.5's UNet holds 61 GroupNorms (ResNet blocks, the transformer blocks' input
+norm), 45 of them followed at once by a SiLU, and runs them all at every sampling step; its VAE
+holds 52 (50 with a SiLU; the attention's group norm). Eager PyTorch spends three kernels on the norm and one on the SiLU; ``ops.group_norm`` does
 both in one pass. ``swap(model)`` puts it in, in place, by changing module classes (no weights move,
 state_dict keys stay, ``save_pretrained`` writes the same files):
 
