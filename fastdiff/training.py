@@ -609,43 +609,62 @@ def save_pipeline(ema, scheduler, path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- command line
+# Flag → TrainConfig field, for the flags that set one.
+FLAG_FIELDS = {"dataset": "dataset", "steps": "steps", "batch_size": "batch_size", "lr": "lr",
+               "prediction_type": "prediction_type", "beta_schedule": "beta_schedule", "ema_decay": "ema_decay",
+               "label_dropout": "label_dropout", "checkpoint_every": "checkpoint_every", "seed": "seed",
+               "device": "device", "image_size": "image_size", "channels": "channels"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``fastdiff train``; defaults come from ``TrainConfig``."""
+    """The flags of ``fastdiff train``. A config flag left out means TrainConfig's default, or on
+    --resume the checkpoint's value (so its defaults are None here; ``config_from_args`` fills them)."""
     d = TrainConfig()
-    parser.add_argument("--dataset", default=d.dataset, help="'digits' (scikit-learn, no download) or a folder of "
-                        "images; one subfolder per class makes it class-conditional (default: %(default)s)")
+
+    def default(value) -> str:
+        return f"(default: {value}; on --resume, the checkpoint's)"
+
+    parser.add_argument("--dataset", help="'digits' (scikit-learn, no download) or a folder of images; one "
+                        f"subfolder per class makes it class-conditional {default(d.dataset)}")
     parser.add_argument("--out", default=d.out_dir, help="output folder: checkpoint.safetensors and pipeline/ "
                         "(default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default: %(default)s)")
-    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d.prediction_type,
-                        help="what the model predicts (default: %(default)s)")
-    parser.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=d.beta_schedule,
-                        help="noise schedule (default: %(default)s)")
-    parser.add_argument("--ema-decay", type=float, default=d.ema_decay, help="default: %(default)s")
-    parser.add_argument("--label-dropout", type=float, default=d.label_dropout, help="probability of training a "
-                        "sample unconditionally, for classifier-free guidance (default: %(default)s)")
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between "
-                        "checkpoints; one is also written at the end (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
-    parser.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... or auto (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=d.image_size, help="square side in pixels "
-                        "(default: %(default)s)")
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                        help="1 or 3 (default: 1 for digits, 3 for an image folder)")
+    parser.add_argument("--steps", type=int, help=f"total optimizer steps {default(d.steps)}")
+    parser.add_argument("--batch-size", type=int, help=default(d.batch_size))
+    parser.add_argument("--lr", type=float, help=f"peak AdamW learning rate {default(d.lr)}")
+    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                        help=f"what the model predicts {default(d.prediction_type)}")
+    parser.add_argument("--beta-schedule", choices=BETA_SCHEDULES, help=f"noise schedule {default(d.beta_schedule)}")
+    parser.add_argument("--ema-decay", type=float, help=default(d.ema_decay))
+    parser.add_argument("--label-dropout", type=float, help="probability of training a sample unconditionally, "
+                        f"for classifier-free guidance {default(d.label_dropout)}")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints; one is also written at "
+                        f"the end {default(d.checkpoint_every)}")
+    parser.add_argument("--seed", type=int, help=default(d.seed))
+    parser.add_argument("--device", help=f"cpu, cuda, cuda:1, ... or auto {default(d.device)}")
+    parser.add_argument("--image-size", type=int, help=f"square side in pixels {default(d.image_size)}")
+    parser.add_argument("--channels", type=int, choices=(1, 3),
+                        help="1 or 3 (default: 1 for digits, 3 for an image folder; on --resume, the checkpoint's)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
-                        "exactly as if it had not stopped; --steps may be raised")
+                        "exactly as if it had not stopped, with its settings; --steps may be raised")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The flags given, over the checkpoint's config on --resume (every field, those without a flag
+    too), else over TrainConfig's defaults. A flag given on --resume that changes what a step computes
+    is still refused by ``train``."""
+    given = {name: getattr(args, flag) for flag, name in FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    checkpoint = Path(args.out) / CHECKPOINT_NAME
+    base = {}
+    if args.resume and checkpoint.is_file():  # a missing one is train's error to report
+        base = json.loads(read_checkpoint(checkpoint)[1]["config"])
+        base = {k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**{**base, **given, "out_dir": args.out})
 
 
 def run(args: argparse.Namespace) -> int:
     """``fastdiff train``: build the config from the flags, train, print where the pipeline went."""
-    config = TrainConfig(dataset=args.dataset, out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
-                         lr=args.lr, prediction_type=args.prediction_type, beta_schedule=args.beta_schedule,
-                         ema_decay=args.ema_decay, label_dropout=args.label_dropout,
-                         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-                         image_size=args.image_size, channels=args.channels)
+    config = config_from_args(args)
     result = train(config, progress=not args.no_progress, resume=args.resume)
     final = result.loss_history[-1] if result.loss_history else float("nan")
     if distributed.is_main():

@@ -28,7 +28,8 @@ import fastdiff.training as training
 from fastdiff.data import digits_dataset, image_folder_dataset, load_dataset
 from fastdiff.io import load_tensors, save_tensors
 from fastdiff.training import (CHECKPOINT_NAME, PIPELINE_DIR, TrainConfig, TrainingDivergedError, add_arguments,
-                               pipeline_files, read_checkpoint, run, saved_activation_bytes, step_memory, train)
+                               config_from_args, pipeline_files, read_checkpoint, run, saved_activation_bytes,
+                               step_memory, train)
 
 TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
 
@@ -360,6 +361,23 @@ def test_cli_flags_build_the_config(tmp_path, capsys):
     assert "pipeline saved to" in capsys.readouterr().out
     _, metadata = read_checkpoint(tmp_path / "cli" / CHECKPOINT_NAME)
     assert metadata["step"] == "2"
+
+
+def test_cli_resume_takes_the_checkpoints_settings(tmp_path):
+    """`--resume` needs only --out: every other setting, the flagless model_overrides included, comes from
+    the checkpoint; a flag given changes its field (resumable ones) or is refused (the others)."""
+    out = str(tmp_path / "cli")
+    train(tiny_config(tmp_path, "cli", steps=2, lr=3e-3, ema_decay=0.9, checkpoint_every=1), progress=False)
+    resumed = config_from_args(parse_flags("--out", out, "--resume"))
+    expected = tiny_config(tmp_path, "cli", steps=2, lr=3e-3, ema_decay=0.9, checkpoint_every=1)
+    assert resumed.to_dict() == expected.to_dict()  # JSON form: the checkpoint keeps tuples as lists
+    assert config_from_args(parse_flags("--out", out, "--resume", "--steps", "3")).steps == 3
+    assert run(parse_flags("--out", out, "--resume", "--steps", "3", "--no-progress")) == 0
+    assert read_checkpoint(Path(out) / CHECKPOINT_NAME)[1]["step"] == "3"
+    with pytest.raises(ValueError, match="lr: 0.003 in the checkpoint vs 0.001 now"):
+        run(parse_flags("--out", out, "--resume", "--steps", "4", "--lr", "1e-3", "--no-progress"))
+    # Without --resume the flags left out are TrainConfig's defaults, whatever the folder holds.
+    assert config_from_args(parse_flags("--out", out)) == TrainConfig(out_dir=out)
 
 
 # ----------------------------------------------------------------------------- data
