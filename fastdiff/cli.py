@@ -11,7 +11,7 @@ import time
 
 from . import validation
 from .backend import BACKENDS, use_backend
-from .schedulers import DEFAULT_STEPS, SHORT_NAMES
+from .schedulers import DEFAULT_STEPS, SHORT_NAMES, add_options_argument
 
 GRID_BATCH_PER_CLASS, GRID_BATCH = 4, 16  # the grid's images: per class for conditional models, else in all
 SET_BATCH = 32  # images per U-Net batch of an evaluation set (--outdir)
@@ -36,6 +36,7 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=validation.seed_arg(), default=0, help="seed of the torch.Generator, in "
                         "[0, 2**64); with --outdir, the base seed from which image i's own seed is derived (default: 0)")
     parser.add_argument("--scheduler", choices=tuple(SHORT_NAMES), default="ddim", help="sampler (default: ddim)")
+    add_options_argument(parser)
     parser.add_argument("--steps", type=validation.int_arg(1), default=None,
                         help="inference steps (default: " + ", ".join(
                             f"{steps or 'every training timestep'} for {name}" for name, steps in DEFAULT_STEPS.items())
@@ -74,14 +75,15 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_sampler(args: argparse.Namespace, device):
     """The pipeline with the requested scheduler, and its number of inference steps."""
     from . import load_pretrained
-    from .schedulers import default_steps, swapped
+    from .schedulers import default_steps, parse_options, swapped
 
     pipe = load_pretrained(args.model, device=device)
     if args.channels_last:
         import torch
 
         pipe.unet.to(memory_format=torch.channels_last)
-    pipe.scheduler = swapped(pipe.scheduler, args.scheduler)
+    pipe.scheduler = swapped(pipe.scheduler, args.scheduler, parse_options(args.scheduler_option),
+                             "--scheduler-option")
     return pipe, args.steps or default_steps(args.scheduler, pipe.scheduler)
 
 

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from . import validation
 from .io import write_json
+from .schedulers import add_options_argument, parse_options, swapped
 
 NUM_CLASSES = 10
 DIGIT_SIZE = 8  # scikit-learn's digits are 8×8, pixel values 0..16
@@ -303,12 +304,13 @@ def parse_run(spec: str) -> tuple[str, int]:
 
 
 @contextmanager
-def _scheduler_swapped(pipe, kind: str) -> Iterator[None]:
-    """Run with a ``kind`` scheduler built from the pipeline's config; put the original back after."""
+def _scheduler_swapped(pipe, kind: str, options: dict | None = None) -> Iterator[None]:
+    """Run with a ``kind`` scheduler built from the pipeline's config and ``options``; put the
+    original back after."""
     from .schedulers import swapped
 
     original = pipe.scheduler
-    pipe.scheduler = swapped(original, kind)
+    pipe.scheduler = swapped(original, kind, options, "scheduler_options")
     try:
         yield
     finally:
@@ -317,11 +319,13 @@ def _scheduler_swapped(pipe, kind: str) -> Iterator[None]:
 
 def sample_pipeline(pipe, scheduler: str = "ddim", num_inference_steps: int = 50, per_class: int = 20,
                     guidance_scale: float | None = None, eta: float = 0.0, seed: int = 0,
-                    batch_size: int = 200, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+                    batch_size: int = 200, progress: bool = False,
+                    scheduler_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``per_class`` samples of each digit: ((10·per_class, 1, 16, 16) images, labels, seconds).
 
     Labels run 0..9, 0..9, ...; one generator seeded once drives every batch, so a run is
-    reproducible for a given batch_size. guidance_scale=None keeps the pipeline's default.
+    reproducible for a given batch_size. guidance_scale=None keeps the pipeline's default;
+    ``scheduler_options`` are config values over the pipeline's (e.g. timestep_spacing="trailing").
     """
     labels = torch.arange(NUM_CLASSES).repeat(per_class)  # (10·per_class,)
     kwargs = dict(num_inference_steps=num_inference_steps, progress=progress)
@@ -332,7 +336,7 @@ def sample_pipeline(pipe, scheduler: str = "ddim", num_inference_steps: int = 50
     generator = torch.Generator().manual_seed(seed)
     chunks = []
     start = time.perf_counter()
-    with _scheduler_swapped(pipe, scheduler):
+    with _scheduler_swapped(pipe, scheduler, scheduler_options):
         for batch in labels.split(batch_size):
             out = pipe(batch_size=len(batch), generator=generator, class_labels=batch, **kwargs)
             chunks.append(out.images.detach().float().cpu())
@@ -341,10 +345,11 @@ def sample_pipeline(pipe, scheduler: str = "ddim", num_inference_steps: int = 50
 
 def evaluate_pipeline(pipe, scheduler: str = "ddim", num_inference_steps: int = 50, per_class: int = 20,
                       guidance_scale: float | None = None, eta: float = 0.0, seed: int = 0,
-                      batch_size: int = 200, progress: bool = False) -> QualityReport:
+                      batch_size: int = 200, progress: bool = False,
+                      scheduler_options: dict | None = None) -> QualityReport:
     """Sample ``per_class`` images of every digit with the given scheduler and score them."""
     images, labels, seconds = sample_pipeline(pipe, scheduler, num_inference_steps, per_class,
-                                              guidance_scale, eta, seed, batch_size, progress)
+                                              guidance_scale, eta, seed, batch_size, progress, scheduler_options)
     report = evaluate_samples(images, labels, name=f"{scheduler.upper()}-{num_inference_steps}", seed=seed)
     report.seconds = seconds
     return report
@@ -416,6 +421,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="digits", help="pretrained name or directory (default: digits)")
     parser.add_argument("--runs", nargs="+", default=None, metavar="SCHEDULER-STEPS",
                         help=f"what to evaluate (default: {' '.join(DEFAULT_RUNS)})")
+    add_options_argument(parser)
     parser.add_argument("--per-class", type=validation.int_arg(1), default=20, help="samples per digit (default: 20)")
     parser.add_argument("--guidance", type=validation.float_arg(), default=None,
                         help="classifier-free guidance scale (default: the pipeline's)")
@@ -469,6 +475,7 @@ def _metadata(args: argparse.Namespace) -> dict:
         "per_class": args.per_class,
         "guidance": args.guidance,
         "eta": args.eta,
+        "scheduler_options": parse_options(getattr(args, "scheduler_option", None)),
         "seed": args.seed,
         "bar": {"min_accuracy": MIN_ACCURACY, "min_confidence": MIN_CONFIDENCE, "min_diversity": MIN_DIVERSITY},
     }
@@ -490,6 +497,9 @@ def run(args: argparse.Namespace) -> int:
     if args.from_json is not None:
         return _replot(args)
     pipe = fastdiff.load_pretrained(args.model, device=_device(args))
+    options = parse_options(args.scheduler_option)
+    for kind, _ in runs:  # an option a run's scheduler does not take, or a bad value: before any sampling
+        swapped(pipe.scheduler, kind, options, "--scheduler-option")
     baselines = [baseline_report(heldout=False, seed=args.seed), baseline_report(heldout=True, seed=args.seed)]
     print(QualityReport.markdown_header())
     for report in baselines:
@@ -497,7 +507,8 @@ def run(args: argparse.Namespace) -> int:
     reports = []
     for kind, steps in runs:
         images, labels, seconds = sample_pipeline(
-            pipe, kind, steps, args.per_class, args.guidance, args.eta, args.seed, args.batch_size, args.progress)
+            pipe, kind, steps, args.per_class, args.guidance, args.eta, args.seed, args.batch_size, args.progress,
+            options)
         report = evaluate_samples(images, labels, name=f"{kind.upper()}-{steps}", seed=args.seed)
         report.seconds = seconds
         reports.append(report)

@@ -39,6 +39,44 @@ def test_sample_a_saved_model(tiny_model, tmp_path, extra, capsys):
     assert out.stat().st_size > 0 and "wrote" in capsys.readouterr().out
 
 
+def test_sample_takes_scheduler_options(tiny_model, tmp_path, monkeypatch):
+    from fastdiff import DiffusionPipeline
+
+    configs, call = [], DiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        configs.append(self.scheduler.config)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "__call__", spy)
+    assert main(["sample", "--model", str(tiny_model), "--out", str(tmp_path / "grid.png"), "--steps", "3",
+                 "--no-progress", "--scheduler", "dpm++", "--scheduler-option", "timestep_spacing=trailing",
+                 "--scheduler-option", "solver_order=3", "--scheduler-option", "use_karras_sigmas=false"]) == 0
+    (config,) = configs
+    assert (config.timestep_spacing, config.solver_order, config.use_karras_sigmas) == ("trailing", 3, False)
+
+
+@pytest.mark.parametrize("option, message", [
+    ("solver_order=3", "--scheduler-option: DDIMScheduler takes no option 'solver_order'"),
+    ("timestep_spacing", "--scheduler-option must look like KEY=VALUE"),
+    ("timestep_spacing=sideways", "timestep_spacing must be one of 'leading', 'trailing', 'linspace'"),
+])
+def test_sample_refuses_a_bad_scheduler_option_in_one_line(tiny_model, tmp_path, option, message, capsys):
+    assert main(["sample", "--model", str(tiny_model), "--out", str(tmp_path / "grid.png"), "--steps", "3",
+                 "--no-progress", "--scheduler-option", option]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_parse_options_reads_json_values_else_strings():
+    from fastdiff.schedulers import parse_options
+
+    assert parse_options(["a=true", "b=3", "c=0.5", "d=trailing", "e=null", "f=[1, 2]", "g=x=y"]) == \
+        {"a": True, "b": 3, "c": 0.5, "d": "trailing", "e": None, "f": [1, 2], "g": "x=y"}
+    assert parse_options(None) == {}
+
+
 def test_sample_same_seed_same_png(tiny_model, tmp_path):
     args = ["sample", "--model", str(tiny_model), "--steps", "3", "--no-progress", "--seed", "5"]
     assert main([*args, "--out", str(tmp_path / "a.png")]) == 0

@@ -6,6 +6,7 @@ one-image-per-class must fail. The last test samples the embedded model itself.
 
 import importlib.util
 import json
+import re
 import sys
 from types import SimpleNamespace
 
@@ -149,8 +150,12 @@ class FakeScheduler:
         self.config = config
 
     @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+    def init_keys(cls):
+        return ("num_train_timesteps", "timestep_spacing")
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        return cls(**{**config, **kwargs})
 
 
 class FakeDDIM(FakeScheduler):
@@ -229,6 +234,35 @@ def test_main_prints_table_and_writes_json_and_grid(stand_in, tmp_path, capsys):
     with Image.open(tmp_path / "grid-ddim-3.png") as grid:
         assert grid.size == (4 * (3 * 17 + 1), 4 * (10 * 17 + 1))  # 3 columns, 10 rows, 1-px gaps, 4×
     assert (tmp_path / "grid-ddpm-4.png").exists()
+
+
+@requires_sklearn
+def test_scheduler_options_reach_every_run_and_the_json(stand_in, tmp_path, monkeypatch):
+    schedulers, call, original = [], StandInPipeline.__call__, stand_in.scheduler
+
+    def spy(self, *args, **kwargs):
+        schedulers.append(self.scheduler)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StandInPipeline, "__call__", spy)
+    assert quality.main(["--runs", "ddim-3", "ddpm-4", "--per-class", "1", "--scheduler-option",
+                         "timestep_spacing=trailing", "--json", str(tmp_path / "q.json")]) == 0
+    assert [type(s) for s in schedulers] == [FakeDDIM, FakeDDPM]
+    assert all(s.config == {"num_train_timesteps": 1000, "timestep_spacing": "trailing"} for s in schedulers)
+    assert stand_in.scheduler is original
+    assert json.loads((tmp_path / "q.json").read_text())["scheduler_options"] == {"timestep_spacing": "trailing"}
+
+
+@requires_sklearn
+@pytest.mark.parametrize("option, message", [
+    ("use_karras_sigmas=true", "--scheduler-option: FakeDDIM takes no option 'use_karras_sigmas'; it takes "
+                               "num_train_timesteps, timestep_spacing"),
+    ("trailing", "--scheduler-option must look like KEY=VALUE"),
+])
+def test_a_bad_scheduler_option_is_refused_before_sampling(stand_in, option, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        quality.main(["--runs", "ddim-3", "--per-class", "1", "--scheduler-option", option])
+    assert stand_in.calls == []
 
 
 @requires_sklearn

@@ -34,9 +34,42 @@ def scheduler_class(name: str, argument: str = "scheduler") -> type[SchedulerBas
     return SCHEDULERS[SHORT_NAMES.get(name, name)]
 
 
-def swapped(scheduler: SchedulerBase, name: str) -> SchedulerBase:
-    """A ``name`` scheduler built from ``scheduler``'s config (keys the other does not take are ignored)."""
-    return scheduler_class(name).from_config(scheduler.config)
+def swapped(scheduler: SchedulerBase, name: str, options: dict | None = None,
+            argument: str = "options") -> SchedulerBase:
+    """A ``name`` scheduler built from ``scheduler``'s config (keys the other does not take are
+    ignored), with ``options`` over it: those were asked for, so one it does not take is an error."""
+    cls = scheduler_class(name)
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(cls.init_keys()))
+    if unknown:
+        raise ValueError(f"{argument}: {cls.__name__} takes no option {', '.join(map(repr, unknown))}; "
+                         f"it takes {', '.join(sorted(cls.init_keys()))}")
+    return cls.from_config(scheduler.config, **options)
+
+
+def add_options_argument(parser) -> None:
+    """The command line's ``--scheduler-option KEY=VALUE`` (repeatable); read it with ``parse_options``."""
+    parser.add_argument("--scheduler-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="a scheduler config value over the model's, e.g. timestep_spacing=trailing or "
+                             "use_karras_sigmas=true (repeatable; VALUE is JSON, else a string)")
+
+
+def parse_options(pairs, argument: str = "--scheduler-option") -> dict:
+    """KEY=VALUE strings (the command line's --scheduler-option) → a dict; a VALUE that reads as
+    JSON (true, 3, 0.5, null, [1, 2]) is that value, any other VALUE the string itself."""
+    import json
+
+    options = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{argument} must look like KEY=VALUE (e.g. timestep_spacing=trailing), got {pair!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        options[key.strip()] = value
+    return options
 
 
 def default_steps(name: str, scheduler: SchedulerBase) -> int:
@@ -50,4 +83,4 @@ __all__ = ["DDIMScheduler", "DDIMSchedulerOutput", "DDPMScheduler", "DDPMSchedul
            "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteSchedulerOutput", "EulerDiscreteScheduler",
            "EulerDiscreteSchedulerOutput", "PNDMScheduler", "PNDMSchedulerOutput", "SCHEDULERS",
            "SHORT_NAMES", "SchedulerBase", "UniPCMultistepScheduler", "UniPCMultistepSchedulerOutput", "default_steps",
-           "scheduler_class", "swapped"]
+           "add_options_argument", "parse_options", "scheduler_class", "swapped"]
