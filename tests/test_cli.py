@@ -39,16 +39,22 @@ def test_sample_a_saved_model(tiny_model, tmp_path, extra, capsys):
     assert out.stat().st_size > 0 and "wrote" in capsys.readouterr().out
 
 
-def test_sample_takes_scheduler_options(tiny_model, tmp_path, monkeypatch):
+def pipeline_calls(monkeypatch, read) -> list:
+    """``read(pipe)`` at each DiffusionPipeline call from here on, in a list that fills as the CLI samples."""
     from fastdiff import DiffusionPipeline
 
-    configs, call = [], DiffusionPipeline.__call__
+    seen, call = [], DiffusionPipeline.__call__
 
     def spy(self, *args, **kwargs):
-        configs.append(self.scheduler.config)
+        seen.append(read(self))
         return call(self, *args, **kwargs)
 
     monkeypatch.setattr(DiffusionPipeline, "__call__", spy)
+    return seen
+
+
+def test_sample_takes_scheduler_options(tiny_model, tmp_path, monkeypatch):
+    configs = pipeline_calls(monkeypatch, lambda pipe: pipe.scheduler.config)
     assert main(["sample", "--model", str(tiny_model), "--out", str(tmp_path / "grid.png"), "--steps", "3",
                  "--no-progress", "--scheduler", "dpm++", "--scheduler-option", "timestep_spacing=trailing",
                  "--scheduler-option", "solver_order=3", "--scheduler-option", "use_karras_sigmas=false"]) == 0
@@ -85,15 +91,7 @@ def test_sample_same_seed_same_png(tiny_model, tmp_path):
 
 
 def test_sample_channels_last_runs_the_unet_in_channels_last(tiny_model, tmp_path, monkeypatch):
-    from fastdiff import DiffusionPipeline
-
-    layouts, call = [], DiffusionPipeline.__call__
-
-    def spy(self, *args, **kwargs):
-        layouts.append(self.unet.memory_format)
-        return call(self, *args, **kwargs)
-
-    monkeypatch.setattr(DiffusionPipeline, "__call__", spy)
+    layouts = pipeline_calls(monkeypatch, lambda pipe: pipe.unet.memory_format)
     args = ["sample", "--model", str(tiny_model), "--steps", "3", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "nchw.png")]) == 0
     assert main([*args, "--out", str(tmp_path / "nhwc.png"), "--channels-last"]) == 0
