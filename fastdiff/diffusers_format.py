@@ -344,6 +344,31 @@ def _component(entry) -> tuple:
     return (None, None)
 
 
+# The β schedules diffusers' classes compute (0.42.1); fastdiff's schedulers take sigmoid and laplace
+# everywhere, diffusers' DDIM, PNDM and DPM-Solver raise NotImplementedError for them.
+DIFFUSERS_BETA_SCHEDULES = {"DDPMScheduler": ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")}
+COMMON_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def scheduler_for_diffusers(scheduler):
+    """``scheduler``, or a twin of it whose config diffusers' class of the same name turns into the
+    same numbers. Two configs need rewriting:
+    - a β schedule that diffusers' class lacks (sigmoid or laplace outside DDPM): its β table is
+      written as ``trained_betas``, before any zero-SNR rescale, which diffusers applies after;
+    - DDPM's ``variance_type="fixed_large_log"``: fastdiff gives it σ = √β_t, diffusers NaN (the
+      root of log β_t); diffusers' ``fixed_large`` is that σ."""
+    from .schedulers.schedule import make_betas
+
+    config, name, changes = scheduler.config, type(scheduler).__name__, {}
+    if (config.get("trained_betas") is None
+            and config.get("beta_schedule") not in DIFFUSERS_BETA_SCHEDULES.get(name, COMMON_BETA_SCHEDULES)):
+        changes["trained_betas"] = make_betas(config.num_train_timesteps, config.beta_start, config.beta_end,
+                                              config.beta_schedule).tolist()
+    if name == "DDPMScheduler" and config.get("variance_type") == "fixed_large_log":
+        changes["variance_type"] = "fixed_large"
+    return type(scheduler).from_config(config, **changes) if changes else scheduler
+
+
 def pipeline_index(scheduler_name: str, conditional: bool) -> dict:
     """model_index.json for a diffusers pipeline that samples as fastdiff's would, or a ValueError
     saying why none does (checked before anything is written)."""

@@ -253,7 +253,7 @@ class DiffusionPipeline:
         if diffusers_format.check_format(format) == "diffusers":
             index = diffusers_format.pipeline_index(type(self.scheduler).__name__, self.unet.is_conditional)
             self.unet.save_pretrained(root / "unet", format="diffusers")
-            self.scheduler.save_config(root / "scheduler")
+            diffusers_format.scheduler_for_diffusers(self.scheduler).save_config(root / "scheduler")
             write_json(index, root / INDEX_NAME)
             return root
         self.unet.save_pretrained(root / "unet")

@@ -353,6 +353,26 @@ def test_format_diffusers_writes_what_diffusers_loads_and_samples_alike(schedule
     torch.testing.assert_close(fastdiff_images(back), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("scheduler, options", [
+    ("DDIMScheduler", dict(beta_schedule="sigmoid")),
+    ("DDIMScheduler", dict(beta_schedule="laplace", rescale_betas_zero_snr=True, prediction_type="v_prediction")),
+    ("PNDMScheduler", dict(beta_schedule="laplace")),
+    ("DPMSolverMultistepScheduler", dict(beta_schedule="sigmoid")),
+    ("DDPMScheduler", dict(variance_type="fixed_large_log")),
+], ids=["ddim-sigmoid", "ddim-laplace-zero-snr", "pndm-laplace", "dpm-sigmoid", "ddpm-fixed-large-log"])
+def test_format_diffusers_rewrites_what_diffusers_would_compute_otherwise(scheduler, options, tmp_path):
+    """diffusers' DDIM, PNDM and DPM-Solver have no sigmoid or laplace betas (they would raise), and its
+    DDPM's fixed_large_log is NaN: the folder gets trained_betas, or fixed_large, with the same numbers."""
+    ours = fastdiff_pipeline(fastdiff.schedulers.scheduler_class(scheduler)(**SCHEDULER, **options))
+    ours.save_pretrained(tmp_path, format="diffusers")
+    theirs = quiet(diffusers.DiffusionPipeline.from_pretrained(tmp_path))
+    assert torch.equal(theirs.scheduler.alphas_cumprod, ours.scheduler.alphas_cumprod)
+    expected = fastdiff_images(ours)
+    assert_images_match(expected, diffusers_images(theirs))
+    torch.testing.assert_close(fastdiff_images(fastdiff.load_pretrained(tmp_path)), expected, rtol=0, atol=0)
+    assert ours.scheduler.config.get("trained_betas") is None  # the pipeline's own scheduler is untouched
+
+
 def test_diffusers_folder_round_trips_through_fastdiff(tmp_path):
     first = quiet(diffusers.DDIMPipeline(diffusers_unet(seed=3), diffusers.DDIMScheduler(**SCHEDULER)))
     first.save_pretrained(tmp_path / "theirs")
