@@ -13,7 +13,12 @@ shrink its samples back to 8×8 and ask an SVM fitted on the real digits three q
 
 Also reported, not judged: ``nearest_train_ratio``, the mean distance from a sample to its nearest
 real digit over the same for real digits (leave-one-out). Near 0 means the model copies training
-images, which neither accuracy nor diversity would notice.
+images, which neither accuracy nor diversity would notice. With ``--reference RUN`` (e.g.
+dpm++-200), each run's ``reference_rms`` is the RMS pixel distance ([0, 1] scale, mean over
+samples) of its samples from RUN's samples drawn from the same noise: for deterministic samplers,
+how far a run is from the ODE solution that RUN approximates. It ranks samplers where the
+classifier saturates, and it does not reward a sampler for drawing more typical digits than the
+model would.
 
 The issue's bar (DDIM-50, class-conditional): accuracy ≥ 0.9 and mean confidence ≥ 0.8; we add
 diversity ≥ 0.5 (``MIN_DIVERSITY``). DDIM-10 and DDPM-1000 are reported alongside. The
@@ -194,6 +199,14 @@ def _nanmean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def reference_distance(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over samples of the RMS pixel difference between each image and the reference image
+    drawn from the same noise (both (B, C, H, W) in [0, 1])."""
+    if images.shape != reference.shape:
+        raise ValueError(f"reference: got {tuple(reference.shape)} reference images for {tuple(images.shape)} samples")
+    return (images.double() - reference.double()).square().mean(dim=(1, 2, 3)).sqrt().mean().item()
+
+
 def _standard_error(values: np.ndarray) -> float:
     values = np.asarray(values, dtype=np.float64)
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
@@ -216,6 +229,8 @@ class QualityReport:
     # two runs whose difference is within about twice these are not told apart by this measure.
     accuracy_se: float = math.nan
     confidence_se: float = math.nan
+    # RMS pixel distance to the --reference run's samples from the same noise (reference_distance)
+    reference_rms: float = math.nan
 
     def passes(self, min_accuracy: float = MIN_ACCURACY, min_confidence: float = MIN_CONFIDENCE,
                min_diversity: float = MIN_DIVERSITY) -> bool:
@@ -228,15 +243,16 @@ class QualityReport:
 
     @staticmethod
     def markdown_header() -> str:
-        return ("| run | samples | accuracy | confidence (± s.e.) | diversity | nearest-train | pass | seconds |\n"
-                "|---|---:|---:|---:|---:|---:|:---:|---:|")
+        return ("| run | samples | accuracy | confidence (± s.e.) | diversity | nearest-train | pass | seconds "
+                "| to reference |\n|---|---:|---:|---:|---:|---:|:---:|---:|---:|")
 
     def to_markdown_row(self) -> str:
         seconds = "" if self.seconds is None else f"{self.seconds:.1f}"
         spread = "" if math.isnan(self.confidence_se) else f" ± {self.confidence_se:.4f}"
+        distance = "" if math.isnan(self.reference_rms) else f"{self.reference_rms:.4f}"
         return (f"| {self.name} | {self.n} | {self.accuracy:.3f} | {self.mean_confidence:.4f}{spread} | "
                 f"{self.diversity:.2f} | {self.nearest_train_ratio:.2f} | "
-                f"{'yes' if self.passes() else 'no'} | {seconds} |")
+                f"{'yes' if self.passes() else 'no'} | {seconds} | {distance} |")
 
 
 def evaluate_samples(images: torch.Tensor, labels, *, name: str = "samples", seed: int = 0,
@@ -373,12 +389,14 @@ def save_grid(images: torch.Tensor, labels, path, scale: int = 4) -> Path:
 # --------------------------------------------------------------------------------------------
 
 PLOT_METRICS = (("accuracy", "accuracy"), ("mean_confidence", "confidence"), ("diversity", "diversity"))
+REFERENCE_METRIC = ("reference_rms", "RMS distance to the reference run")
 
 
 def plot_steps(runs: Sequence[dict], path, baselines: Sequence[dict] = ()) -> Path:
     """Quality against the number of steps: accuracy, confidence and diversity (one panel each) per
     scheduler, steps on a log axis; a scheduler run at one step count only (DDPM-1000) is a dashed
-    level, the baselines (real digits) dotted ones. ``runs``: ``QualityReport.to_dict()`` records."""
+    level, the baselines (real digits) dotted ones. ``runs``: ``QualityReport.to_dict()`` records.
+    Runs measured against a --reference get a fourth panel, that distance on a log axis."""
     try:
         import matplotlib
     except ImportError as error:
@@ -390,18 +408,24 @@ def plot_steps(runs: Sequence[dict], path, baselines: Sequence[dict] = ()) -> Pa
     for record in runs:
         kind, steps = parse_run(record["name"])
         curves.setdefault(kind, []).append((steps, record))
-    fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(4.2 * len(PLOT_METRICS), 3.6), constrained_layout=True)
-    for ax, (key, label) in zip(axes, PLOT_METRICS):
+    measured = any(record.get(REFERENCE_METRIC[0]) is not None and not math.isnan(record[REFERENCE_METRIC[0]])
+                   for record in runs)
+    metrics = (*PLOT_METRICS, REFERENCE_METRIC) if measured else PLOT_METRICS
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), constrained_layout=True)
+    for ax, (key, label) in zip(axes, metrics):
         for kind, points in curves.items():
             points.sort(key=lambda point: point[0])
             steps = [n for n, _ in points]
-            values = [np.nan if r[key] is None else r[key] for _, r in points]
+            values = [np.nan if r.get(key) is None else r[key] for _, r in points]
             if len(points) == 1:
                 ax.axhline(values[0], linestyle="--", linewidth=1, color="gray", label=f"{kind.upper()}-{steps[0]}")
             else:
                 ax.plot(steps, values, marker="o", label=kind.upper())
-        for record in baselines:
-            ax.axhline(record[key], linestyle=":", linewidth=1, color="black", label=record["name"])
+        if key == REFERENCE_METRIC[0]:
+            ax.set_yscale("log")
+        else:
+            for record in baselines:
+                ax.axhline(record[key], linestyle=":", linewidth=1, color="black", label=record["name"])
         ax.set_xscale("log")
         ticks = sorted({n for points in curves.values() if len(points) > 1 for n, _ in points})
         if ticks:
@@ -422,6 +446,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--runs", nargs="+", default=None, metavar="SCHEDULER-STEPS",
                         help=f"what to evaluate (default: {' '.join(DEFAULT_RUNS)})")
     add_options_argument(parser)
+    parser.add_argument("--reference", default=None, metavar="SCHEDULER-STEPS",
+                        help="also sample this run (e.g. dpm++-200) from the same noise and report each run's RMS "
+                             "pixel distance to it: how far a deterministic sampler is from the ODE solution")
     parser.add_argument("--per-class", type=validation.int_arg(1), default=20, help="samples per digit (default: 20)")
     parser.add_argument("--guidance", type=validation.float_arg(), default=None,
                         help="classifier-free guidance scale (default: the pipeline's)")
@@ -476,6 +503,7 @@ def _metadata(args: argparse.Namespace) -> dict:
         "guidance": args.guidance,
         "eta": args.eta,
         "scheduler_options": parse_options(getattr(args, "scheduler_option", None)),
+        "reference": getattr(args, "reference", None),
         "seed": args.seed,
         "bar": {"min_accuracy": MIN_ACCURACY, "min_confidence": MIN_CONFIDENCE, "min_diversity": MIN_DIVERSITY},
     }
@@ -485,9 +513,11 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate the requested runs, print a Markdown table; the exit status for the CLI."""
     import fastdiff
 
-    if args.from_json is not None and args.runs is not None:
-        raise ValueError("--runs samples new runs, --from-json reads earlier ones: give one of them")
+    if args.from_json is not None and (args.runs is not None or args.reference is not None):
+        raise ValueError(f"{'--runs' if args.runs is not None else '--reference'} samples new runs, --from-json "
+                         "reads earlier ones: give one of them")
     runs = [parse_run(spec) for spec in args.runs or DEFAULT_RUNS]  # a typo, a bad path, a missing model: first
+    reference = None if args.reference is None else parse_run(args.reference)
     if args.json is not None:
         validation.output_file("--json", args.json, (".json",))
     if args.grid is not None:
@@ -498,19 +528,24 @@ def run(args: argparse.Namespace) -> int:
         return _replot(args)
     pipe = fastdiff.load_pretrained(args.model, device=_device(args))
     options = parse_options(args.scheduler_option)
-    for kind, _ in runs:  # an option a run's scheduler does not take, or a bad value: before any sampling
+    for kind, _ in runs + ([reference] if reference else []):  # an option a scheduler does not take: before sampling
         swapped(pipe.scheduler, kind, options, "--scheduler-option")
     baselines = [baseline_report(heldout=False, seed=args.seed), baseline_report(heldout=True, seed=args.seed)]
     print(QualityReport.markdown_header())
     for report in baselines:
         print(report.to_markdown_row(), flush=True)
+    def sample(kind, steps):
+        return sample_pipeline(pipe, kind, steps, args.per_class, args.guidance, args.eta, args.seed,
+                               args.batch_size, args.progress, options)
+
+    reference_images = None if reference is None else sample(*reference)[0]
     reports = []
     for kind, steps in runs:
-        images, labels, seconds = sample_pipeline(
-            pipe, kind, steps, args.per_class, args.guidance, args.eta, args.seed, args.batch_size, args.progress,
-            options)
+        images, labels, seconds = sample(kind, steps)
         report = evaluate_samples(images, labels, name=f"{kind.upper()}-{steps}", seed=args.seed)
         report.seconds = seconds
+        if reference_images is not None:
+            report.reference_rms = reference_distance(images, reference_images)
         reports.append(report)
         print(report.to_markdown_row(), flush=True)
         if args.grid is not None:

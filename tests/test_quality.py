@@ -286,11 +286,43 @@ def test_quality_against_steps_is_plotted_and_replotted_from_json(stand_in, tmp_
     assert "held-out" in table and (tmp_path / "again.png").stat().st_size > 0
 
 
+def test_reference_distance_is_the_mean_per_image_rms():
+    reference = torch.zeros(3, 1, 4, 4)
+    images = reference.clone()
+    images[0] = 0.5  # RMS 0.5
+    images[1, 0, 0, :] = 1.0  # one row of 4 in 16 pixels: RMS 0.5
+    assert quality.reference_distance(images, reference) == pytest.approx((0.5 + 0.5 + 0) / 3)
+    assert quality.reference_distance(reference, reference) == 0
+    with pytest.raises(ValueError, match=r"reference: got \(2, 1, 4, 4\) reference images for \(3, 1, 4, 4\)"):
+        quality.reference_distance(images, reference[:2])
+
+
+@requires_sklearn
+def test_runs_are_measured_against_a_reference_run_from_the_same_noise(stand_in, tmp_path, capsys):
+    """The stand-in draws the same digits for the same seed whatever the run, so every distance is 0;
+    the reference run is sampled first, and gets a fourth panel in the plot."""
+    from PIL import Image
+
+    status = quality.main(["--runs", "ddim-2", "ddim-4", "--reference", "ddpm-9", "--per-class", "2", "--json",
+                           str(tmp_path / "q.json"), "--plot", str(tmp_path / "steps.png")])
+    assert status == 0
+    assert [(c["scheduler"], c["steps"]) for c in stand_in.calls] == [(FakeDDPM, 9), (FakeDDIM, 2), (FakeDDIM, 4)]
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert result["reference"] == "ddpm-9" and [r["reference_rms"] for r in result["runs"]] == [0.0, 0.0]
+    assert "| 0.0000 |" in capsys.readouterr().out
+    with Image.open(tmp_path / "steps.png") as figure:
+        assert figure.size[0] > 3.5 * figure.size[1]  # four panels side by side
+    with pytest.raises(ValueError, match="SCHEDULER-STEPS"):
+        quality.main(["--runs", "ddim-2", "--reference", "dpm-200"])
+
+
 @requires_sklearn
 def test_replot_errors(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"runs": "none"}))
     with pytest.raises(ValueError, match="give one of them"):
         quality.main(["--from-json", str(tmp_path / "other.json"), "--runs", "ddim-5"])
+    with pytest.raises(ValueError, match="--reference samples new runs"):
+        quality.main(["--from-json", str(tmp_path / "other.json"), "--reference", "ddim-5"])
     with pytest.raises(ValueError, match="not a quality result"):
         quality.main(["--from-json", str(tmp_path / "other.json")])
     with pytest.raises(ValueError, match="--plot"):
