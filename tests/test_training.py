@@ -82,6 +82,11 @@ def test_saved_pipeline_holds_the_ema_weights(tmp_path):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.beta_schedule == "linear"
     assert pipe.scheduler.config.clip_sample is False  # build_scheduler: clipping x̂0 drifts with the steps
+    assert pipe.scheduler.config.timestep_spacing == "trailing"  # from t = T-1: fine for v, not for ε
+
+
+def test_an_epsilon_model_keeps_leading_spacing():
+    assert training.build_scheduler(TrainConfig()).config.timestep_spacing == "leading"
 
 
 # ----------------------------------------------------------------------------- resuming
