@@ -323,8 +323,6 @@ def parse_run(spec: str) -> tuple[str, int]:
 def _scheduler_swapped(pipe, kind: str, options: dict | None = None) -> Iterator[None]:
     """Run with a ``kind`` scheduler built from the pipeline's config and ``options``; put the
     original back after."""
-    from .schedulers import swapped
-
     original = pipe.scheduler
     pipe.scheduler = swapped(original, kind, options, "scheduler_options")
     try:
@@ -534,6 +532,7 @@ def run(args: argparse.Namespace) -> int:
     print(QualityReport.markdown_header())
     for report in baselines:
         print(report.to_markdown_row(), flush=True)
+
     def sample(kind, steps):
         return sample_pipeline(pipe, kind, steps, args.per_class, args.guidance, args.eta, args.seed,
                                args.batch_size, args.progress, options)
