@@ -468,20 +468,71 @@ def step_memory(model, config: TrainConfig) -> tuple[int, int]:
 
 def available_memory(device: torch.device) -> tuple[int, str] | None:
     """(bytes this process can still allocate on ``device``, where that number comes from); None where
-    it is unknown (no /proc/meminfo, other device types)."""
+    it is unknown (no /proc/meminfo, other device types). On the CPU, the smaller of the machine's
+    MemAvailable and what this process's memory cgroup still allows (a container's limit)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch reuses its cache
         return free + cached, "free on the GPU, torch's cache included"
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
-        except OSError:
-            pass
-    return None
+    if device.type != "cpu":
+        return None
+    found = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found = int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except OSError:
+        pass
+    headroom = cgroup_headroom()
+    if headroom is not None and (found is None or headroom < found[0]):
+        found = headroom, "the memory cgroup's limit less its usage: a container's limit"
+    return found
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _cgroup_number(path: Path, key: str | None = None) -> int | None:
+    """The integer in a cgroup file (None for "max", a missing file or key); ``key``: a memory.stat line."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    if key is not None:
+        text = next((line.split()[1] for line in text.splitlines() if line.split()[:1] == [key]), "")
+    return int(text) if text.strip().isdigit() else None
+
+
+def cgroup_headroom(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes this process's memory cgroup and the cgroups above it still allow (the tightest), counting
+    reclaimable page cache (inactive files) as free; None where no limit is set or none is readable.
+    cgroup v1's memory controller when the process has one, else v2's unified hierarchy."""
+    try:
+        entries = [line.split(":", 2) for line in proc_cgroup.read_text().splitlines() if line.count(":") >= 2]
+    except OSError:
+        return None
+    v1 = next((path for _, controllers, path in entries if "memory" in controllers.split(",")), None)
+    v2 = next((path for hierarchy, controllers, path in entries if hierarchy == "0" and not controllers), None)
+    if v1 is not None:
+        base, path, files = root / "memory", v1, ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                  "total_inactive_file")
+    elif v2 is not None:
+        base, path, files = root, v2, ("memory.max", "memory.current", "inactive_file")
+    else:
+        return None
+    leaf = base / path.lstrip("/")
+    # a container's cgroup namespace shows its own cgroup as the mount's root: the listed path is not there
+    levels = [d for d in (leaf, *leaf.parents) if d == base or base in d.parents] if leaf.is_dir() else [base]
+    tightest = None
+    for level in levels:
+        limit, usage = _cgroup_number(level / files[0]), _cgroup_number(level / files[1])
+        if limit is None or limit >= _UNLIMITED or usage is None:
+            continue
+        headroom = max(limit - usage + (_cgroup_number(level / "memory.stat", files[2]) or 0), 0)
+        tightest = headroom if tightest is None else min(tightest, headroom)
+    return tightest
 
 
 def _gib(num_bytes: float) -> str:

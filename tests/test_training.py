@@ -267,6 +267,58 @@ def test_a_batch_that_does_not_fit_in_memory_is_refused_before_step_1(tmp_path, 
         train(tiny_config(tmp_path, "other", steps=1), progress=False)
 
 
+def cgroup_tree(root: Path, proc: str, levels: dict[str, dict[str, str]]) -> tuple[Path, Path]:
+    """A fake /sys/fs/cgroup under ``root`` (``levels``: folder → its files) and /proc/self/cgroup."""
+    for folder, files in levels.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (root / folder / name).write_text(text)
+    (root / "proc-self-cgroup").write_text(proc)
+    return root / "sys", root / "proc-self-cgroup"
+
+
+def v1(limit, usage, inactive):
+    return {"memory.limit_in_bytes": f"{limit}\n", "memory.usage_in_bytes": f"{usage}\n",
+            "memory.stat": f"cache 5\ninactive_file 1\ntotal_inactive_file {inactive}\n"}
+
+
+def v2(limit, usage, inactive):
+    return {"memory.max": f"{limit}\n", "memory.current": f"{usage}\n",
+            "memory.stat": f"anon 5\ninactive_file {inactive}\nactive_file 7\n"}
+
+
+V1_PROC = "4:memory:/pod/app\n3:cpu,cpuacct:/\n0::/\n"
+
+
+@pytest.mark.parametrize("proc, levels, expected", [
+    # v1: the tightest of the cgroup and its ancestors (here the pod's), reclaimable cache counted free
+    (V1_PROC, {"sys/memory": v1(2**63 - 4096, 9000, 0), "sys/memory/pod": v1(5000, 3000, 500),
+               "sys/memory/pod/app": v1(8000, 3000, 1000)}, 2500),
+    (V1_PROC, {"sys/memory": v1(9223372036854771712, 9000, 0), "sys/memory/pod/app": v1(9223372036854771712, 1, 0)},
+     None),  # no limit anywhere (v1 writes "none" as a number near 2**63)
+    # a container's namespace: /proc lists its cgroup's path, the mount shows that cgroup as its root
+    (V1_PROC, {"sys/memory": v1(4000, 1000, 0)}, 3000),
+    ("0::/user.slice/job\n", {"sys": v2("max", 1, 0), "sys/user.slice": v2("max", 1, 0),
+                                "sys/user.slice/job": v2(1000, 600, 100)}, 500),
+    ("0::/job\n", {"sys": v2("max", 1, 0), "sys/job": v2("max", 600, 100)}, None),
+    ("0::/\n", {"sys": v2(10, 30, 0)}, 0),  # over its limit: nothing left
+    ("garbage\n", {}, None),
+])
+def test_cgroup_headroom_reads_v1_and_v2_limits(tmp_path, proc, levels, expected):
+    root, proc_cgroup = cgroup_tree(tmp_path, proc, levels)
+    assert training.cgroup_headroom(root, proc_cgroup) == expected
+
+
+def test_available_memory_on_the_cpu_is_the_container_limit_when_tighter(monkeypatch):
+    machine = training.available_memory(torch.device("cpu"))
+    monkeypatch.setattr(training, "cgroup_headroom", lambda: 12345)
+    assert training.available_memory(torch.device("cpu")) == (12345, "the memory cgroup's limit less its usage: "
+                                                                     "a container's limit")
+    if machine is not None:  # a machine without /proc/meminfo has no number to compare
+        monkeypatch.setattr(training, "cgroup_headroom", lambda: machine[0] + 1)
+        assert training.available_memory(torch.device("cpu")) == machine
+
+
 def test_the_activation_estimate_scales_with_the_batch_and_keeps_the_rng(tmp_path):
     """``step_memory`` measures at batch 1 and multiplies: check that the saved bytes are linear in B."""
     config = tiny_config(tmp_path)
