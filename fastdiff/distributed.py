@@ -116,10 +116,10 @@ def all_equal(tensors: list[torch.Tensor], device: torch.device) -> bool:
     """
     if not is_distributed():
         return True
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    code = int.from_bytes(digest.digest()[:7], "little")  # 56 bits: exact in an int64
+    from .io import tensors_sha256
+
+    digest = tensors_sha256({f"{i:08d}": t.detach().cpu() for i, t in enumerate(tensors)})
+    code = int(digest[:14], 16)  # 56 bits: exact in an int64
     low = torch.tensor([code], dtype=torch.int64, device=device)
     high = low.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)

@@ -24,7 +24,6 @@ PNGs once every rank has finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, validation
 from .images import to_uint8
-from .io import atomic_write, write_json
+from .io import atomic_write, tensors_sha256, write_json
 
 MANIFEST_NAME = "sampling.json"
 NPZ_NAME = "samples.npz"
@@ -120,15 +119,12 @@ def _classes(pipe, classes) -> list[int] | None:
 
 def _settings(pipe, seed, batch_size, steps, classes, guidance_scale, eta) -> dict:
     """Everything that decides image i's pixels; a resumed run must match it exactly."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(pipe.unet.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    weights = tensors_sha256({name: t.detach().cpu() for name, t in pipe.unet.state_dict().items()})
     guidance = pipe.guidance_scale if guidance_scale is None else float(guidance_scale)
     return {"seed": seed, "batch_size": batch_size, "num_inference_steps": steps, "classes": classes,
             "guidance_scale": guidance, "eta": float(eta), "scheduler": type(pipe.scheduler).__name__,
             "scheduler_config": json.loads(json.dumps(dict(pipe.scheduler.config))),
-            "weights_sha256": digest.hexdigest()[:16]}
+            "weights_sha256": weights[:16]}
 
 
 def _plan(outdir: Path, num_images: int, batch_size: int, settings: dict) -> tuple[list[int], int]:
