@@ -179,7 +179,7 @@ class StandInPipeline:
             raise RuntimeError("sampler broke")
         images, labels = quality.real_digits()
         self.calls.append(dict(batch_size=batch_size, steps=num_inference_steps,
-                               scheduler=type(self.scheduler), **kwargs))
+                               scheduler=type(self.scheduler), config=self.scheduler.config, **kwargs))
         pick = [np.flatnonzero(labels == int(c)) for c in class_labels]
         idx = [p[torch.randint(len(p), (), generator=generator)] for p in pick]
         noise = 0.05 * torch.randn(batch_size, 1, 16, 16, generator=generator)
@@ -237,18 +237,12 @@ def test_main_prints_table_and_writes_json_and_grid(stand_in, tmp_path, capsys):
 
 
 @requires_sklearn
-def test_scheduler_options_reach_every_run_and_the_json(stand_in, tmp_path, monkeypatch):
-    schedulers, call, original = [], StandInPipeline.__call__, stand_in.scheduler
-
-    def spy(self, *args, **kwargs):
-        schedulers.append(self.scheduler)
-        return call(self, *args, **kwargs)
-
-    monkeypatch.setattr(StandInPipeline, "__call__", spy)
+def test_scheduler_options_reach_every_run_and_the_json(stand_in, tmp_path):
+    original = stand_in.scheduler
     assert quality.main(["--runs", "ddim-3", "ddpm-4", "--per-class", "1", "--scheduler-option",
                          "timestep_spacing=trailing", "--json", str(tmp_path / "q.json")]) == 0
-    assert [type(s) for s in schedulers] == [FakeDDIM, FakeDDPM]
-    assert all(s.config == {"num_train_timesteps": 1000, "timestep_spacing": "trailing"} for s in schedulers)
+    assert [c["scheduler"] for c in stand_in.calls] == [FakeDDIM, FakeDDPM]
+    assert all(c["config"] == {"num_train_timesteps": 1000, "timestep_spacing": "trailing"} for c in stand_in.calls)
     assert stand_in.scheduler is original
     assert json.loads((tmp_path / "q.json").read_text())["scheduler_options"] == {"timestep_spacing": "trailing"}
 
