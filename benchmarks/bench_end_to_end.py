@@ -20,7 +20,8 @@ images left on the device. Every provider runs the same architecture with the sa
   unconditional loop) with diffusers' ``DPMSolverMultistepScheduler``;
 * diffusers_compile: the same with the U-Net ``torch.compile``d;
 * diffusers_fastdiff: the stock pipeline after ``fastdiff.compat.diffusers.accelerate(pipe)``,
-  skipped when that module is not there (or, for DPM++, when it does not take that scheduler).
+  skipped when that module is not there or does not take the scheduler (for DPM++ it swaps in
+  ``FastDPMSolverMultistepScheduler``).
 
 DPM++ 10 steps against DDIM 50: DPM-Solver++(2M) (``fastdiff.DPMSolverMultistepScheduler()``, second
 order) is used at ~10 steps where DDIM needs ~50 (Lu et al. 2022b; whether the samples match is

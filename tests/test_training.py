@@ -57,7 +57,7 @@ def no_step(*args, **kwargs):
 
 # ----------------------------------------------------------------------------- learning
 def test_loss_decreases_on_digits(tmp_path):
-    config = tiny_config(tmp_path, steps=40, lr=3e-3, warmup_steps=5, checkpoint_every=40)
+    config = tiny_config(tmp_path, steps=40, lr=3e-3, warmup_steps=5, checkpoint_every=40, prediction_type="epsilon")
     result = train(config, progress=False)
     losses = result.loss_history
     assert len(losses) == 40 and all(np.isfinite(losses))
@@ -72,7 +72,7 @@ def test_loss_decreases_on_digits(tmp_path):
 def test_saved_pipeline_holds_the_ema_weights(tmp_path):
     import fastdiff
 
-    config = tiny_config(tmp_path, steps=3, prediction_type="v_prediction", beta_schedule="linear")
+    config = tiny_config(tmp_path, steps=3, beta_schedule="linear")  # v-prediction: the default
     result = train(config, progress=False)
     pipe = fastdiff.load_pretrained(result.pipeline_path)
     ema = {k[len("ema."):]: v for k, v in checkpoint_tensors(config).items() if k.startswith("ema.")}
@@ -86,7 +86,7 @@ def test_saved_pipeline_holds_the_ema_weights(tmp_path):
 
 
 def test_an_epsilon_model_keeps_leading_spacing():
-    assert training.build_scheduler(TrainConfig()).config.timestep_spacing == "leading"
+    assert training.build_scheduler(TrainConfig(prediction_type="epsilon")).config.timestep_spacing == "leading"
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -113,7 +113,7 @@ def test_resume_refuses_a_changed_config(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         train(tiny_config(tmp_path, batch_size=16), progress=False, resume=True)
     with pytest.raises(ValueError, match="prediction_type"):
-        train(tiny_config(tmp_path, prediction_type="v_prediction"), progress=False, resume=True)
+        train(tiny_config(tmp_path, prediction_type="epsilon"), progress=False, resume=True)
     with pytest.raises(ValueError, match="model_overrides"):
         train(tiny_config(tmp_path, model_overrides={**TINY_UNET, "layers_per_block": 2}), progress=False,
               resume=True)
