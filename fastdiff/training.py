@@ -104,7 +104,7 @@ class TrainConfig:
     # Linear warm-up from 0: Adam's second-moment estimates are poor in the first steps.
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    # Averaging horizon ~1/(1 − decay) = 1000 steps, about a tenth of the run: long enough to smooth
+    # Averaging horizon ~1/(1 − decay) = 1000 steps, an eighth of the run: long enough to smooth
     # AdamW's noise, short enough not to drag in weights from the first half. Lower it for short
     # runs (0.995 for ~2000 steps). The decay warms up as min(decay, (1 + step)/(10 + step)).
     ema_decay: float = 0.999
